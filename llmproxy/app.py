@@ -1,0 +1,138 @@
+"""The aiohttp application: front-end routes, and running the server with a graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any, AsyncIterator, Callable
+
+from aiohttp import web
+
+from . import __version__
+from .codecs import get_codec
+from .codecs.base import dumps
+from .config import Config, ConfigError
+from .context import CONTEXT, ProxyContext
+from .errors import ProxyError
+from .manager import PluginHost
+from .pipeline import authenticate, handle
+
+log = logging.getLogger("llmproxy")
+
+OPENAI_CHAT = get_codec("openai_chat")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await handle(request, OPENAI_CHAT)
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    try:
+        authenticate(request, ctx)
+    except ProxyError as error:
+        return _error(error)
+    data = []
+    for name in ctx.router.known_models():
+        backend, sep, _ = name.partition(":")
+        owner = backend if sep and backend in ctx.providers else ("llmproxy" if name in ctx.config.models else ctx.config.default_backend)
+        data.append({"id": name, "object": "model", "created": 0, "owned_by": owner})
+    return web.Response(body=dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+
+async def root(request: web.Request) -> web.Response:
+    # Claude Code sends HEAD / as a connectivity check before its first request.
+    body = {"name": "llmproxy", "version": __version__, "endpoints": ["/v1/chat/completions", "/v1/models", "/healthz"]}
+    return web.Response(body=dumps(body), content_type="application/json")
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return _error(ProxyError(404, f"no such endpoint: {request.method} {request.path}"))
+
+
+def _error(error: ProxyError) -> web.Response:
+    return web.Response(body=dumps(OPENAI_CHAT.error_body(error)), status=error.status, content_type="application/json")
+
+
+def create_app(ctx: ProxyContext) -> web.Application:
+    app = web.Application(client_max_size=ctx.config.proxy.max_body_bytes)
+    app[CONTEXT] = ctx
+    ctx.state["client_keys"] = _client_keys(ctx.config)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await ctx.start()
+        yield
+        await ctx.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    routes = app.router
+    for prefix in ("/v1", ""):
+        routes.add_post(prefix + "/chat/completions", chat_completions)
+        routes.add_get(prefix + "/models", list_models)
+    routes.add_get("/healthz", healthz)
+    routes.add_get("/", root)  # also answers HEAD
+    routes.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+def _client_keys(config: Config) -> list[tuple[str, bytes]]:
+    keys = []
+    problems = []
+    for i, entry in enumerate(config.auth.api_keys):
+        value = entry.key.get()
+        if not value:
+            problems.append(f"auth.api_keys[{i}] ({entry.name}): {entry.key.describe()} is not set")
+        else:
+            keys.append((entry.name, value.encode()))
+    if problems:
+        raise ConfigError(problems, config.source)
+    return keys
+
+
+def check_bind(config: Config) -> None:
+    """Secure by default: no client keys, no listening beyond loopback."""
+    if not config.proxy.is_loopback() and not config.auth.api_keys:
+        raise ConfigError(
+            [f"proxy.host: refusing to listen on {config.proxy.host} without client keys; add auth.api_keys or bind 127.0.0.1"],
+            config.source,
+        )
+
+
+async def serve(config: Config, host: PluginHost, ready: Callable[[str], None] | None = None, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGINT/SIGTERM (or ``stop`` is set), then drain in-flight requests for at
+    most ``proxy.drain_timeout`` seconds."""
+    started = time.perf_counter()
+    check_bind(config)
+    ctx = ProxyContext(config, host)
+    app = create_app(ctx)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=config.proxy.drain_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, config.proxy.host, config.proxy.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise ConfigError([f"proxy.port: cannot listen on {config.proxy.host}:{config.proxy.port}: {error.strerror}"], config.source) from None
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else config.proxy.port  # type: ignore[union-attr]
+    url = f"http://{config.proxy.host}:{port}"
+    log.info("llmproxy %s ready on %s in %.0f ms (backends: %s; default: %s)", __version__, url,
+             (time.perf_counter() - started) * 1000, ", ".join(ctx.providers) or "none", config.default_backend)
+    if ready is not None:
+        ready(url)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests (up to %.0fs)", config.proxy.drain_timeout)
+    await runner.cleanup()
+    log.info("stopped")

@@ -1,0 +1,288 @@
+"""The canonical model: one request, response and stream-event shape for every wire protocol.
+
+Codecs (``llmproxy.codecs``) translate each wire protocol to and from these types; plugins
+only ever see these. They are plain slotted dataclasses rather than pydantic models because
+they are built per request and per streamed event, where validation would cost more than the
+proxying itself (the codecs validate what they read).
+
+Nothing is lost: every type carries ``extra``, the wire fields the canonical model does not
+know, tagged with the protocol they came from (``Request.protocol``). A codec writing the same
+protocol puts them back untouched; a codec for another protocol ignores them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+@dataclass(slots=True)
+class TextPart:
+    text: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    type: Literal["text"] = "text"
+
+
+@dataclass(slots=True)
+class ImagePart:
+    """An image, by URL or inline base64 ``data`` with its ``media_type``."""
+
+    url: str | None = None
+    data: str | None = None
+    media_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    type: Literal["image"] = "image"
+
+
+@dataclass(slots=True)
+class ToolCallPart:
+    """A call the model made; ``arguments`` is the JSON text exactly as the model wrote it."""
+
+    id: str
+    name: str
+    arguments: str = "{}"
+    extra: dict[str, Any] = field(default_factory=dict)
+    type: Literal["tool_call"] = "tool_call"
+
+
+@dataclass(slots=True)
+class ToolResultPart:
+    tool_call_id: str
+    content: list["Part"] = field(default_factory=list)
+    is_error: bool = False
+    name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    type: Literal["tool_result"] = "tool_result"
+
+
+@dataclass(slots=True)
+class ThinkingPart:
+    """Model reasoning. ``signature`` is opaque and only valid for the protocol that made it."""
+
+    text: str = ""
+    signature: str | None = None
+    redacted: bool = False
+    protocol: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    type: Literal["thinking"] = "thinking"
+
+
+@dataclass(slots=True)
+class OpaquePart:
+    """A content part the canonical model has no type for, kept verbatim for ``protocol``.
+
+    Written back untouched when the other side speaks the same protocol, dropped otherwise.
+    """
+
+    protocol: str
+    data: dict[str, Any] = field(default_factory=dict)
+    type: Literal["opaque"] = "opaque"
+
+
+Part = Union[TextPart, ImagePart, ToolCallPart, ToolResultPart, ThinkingPart, OpaquePart]
+
+
+@dataclass(slots=True)
+class Message:
+    role: Role
+    parts: list[Part] = field(default_factory=list)
+    name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The message's text parts joined; handy for plugins that read or match prose."""
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+
+@dataclass(slots=True)
+class Tool:
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    def add(self, other: "Usage") -> None:
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cached_input_tokens += other.cached_input_tokens
+        self.cache_creation_input_tokens += other.cache_creation_input_tokens
+        self.reasoning_tokens += other.reasoning_tokens
+
+
+@dataclass(slots=True)
+class Request:
+    """What the client asked for, whatever protocol it spoke.
+
+    ``params`` holds sampling settings under canonical names (``temperature``, ``top_p``,
+    ``max_tokens``, ``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty``, ``n``,
+    ``user``). ``tool_choice`` is ``"auto"``, ``"none"``, ``"required"`` or a tool name.
+    ``response_format`` is ``{"type": "json_object"}`` or ``{"type": "json_schema",
+    "name": ..., "schema": ..., "strict": ...}``. ``reasoning`` is ``{"effort": ...,
+    "budget_tokens": ..., "summary": ...}`` with whichever keys the client set.
+    """
+
+    model: str
+    messages: list[Message] = field(default_factory=list)
+    system: list[TextPart] = field(default_factory=list)
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: str | None = None
+    parallel_tool_calls: bool | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    response_format: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    stream: bool = False
+    include_usage: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+    protocol: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def last_user_message(self) -> Message | None:
+        for message in reversed(self.messages):
+            if message.role == "user":
+                return message
+        return None
+
+
+StopReason = Literal["end_turn", "max_tokens", "tool_use", "stop_sequence", "content_filter", "error"]
+
+
+@dataclass(slots=True)
+class Response:
+    """A complete answer: the non-streamed reply, or a stream's events folded together."""
+
+    model: str
+    parts: list[Part] = field(default_factory=list)
+    stop_reason: StopReason | None = "end_turn"
+    usage: Usage = field(default_factory=Usage)
+    id: str | None = None
+    protocol: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+    @property
+    def tool_calls(self) -> list[ToolCallPart]:
+        return [p for p in self.parts if isinstance(p, ToolCallPart)]
+
+
+class EventKind:
+    """Names of canonical stream events (plain strings, so comparisons stay cheap)."""
+
+    START = "start"  # message begins; model, id
+    TEXT = "text"  # text delta at ``index``
+    THINKING = "thinking"  # reasoning delta (text and/or signature) at ``index``
+    TOOL_CALL_START = "tool_call_start"  # id and name of a tool call at ``index``
+    TOOL_CALL_DELTA = "tool_call_delta"  # a fragment of the call's argument JSON
+    BLOCK_STOP = "block_stop"  # the content block at ``index`` is complete
+    USAGE = "usage"  # token counts so far
+    STOP = "stop"  # the message ends with ``stop_reason``
+    ERROR = "error"  # the stream fails; ``error`` holds the ProxyError
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """One canonical stream event. Stream processors may change fields or build new ones.
+
+    ``index`` numbers content blocks in the order they start (text, thinking and tool calls
+    share one sequence), so every protocol's notion of a block or choice index maps to it.
+    """
+
+    kind: str
+    index: int = 0
+    text: str = ""
+    id: str | None = None
+    name: str | None = None
+    signature: str | None = None
+    stop_reason: StopReason | None = None
+    usage: Usage | None = None
+    model: str | None = None
+    error: Any = None
+    extra: dict[str, Any] | None = None
+
+
+class ResponseBuilder:
+    """Folds stream events into a :class:`Response` (for ``flow_done``, captures, history)."""
+
+    __slots__ = ("response", "_blocks")
+
+    def __init__(self, model: str, protocol: str = "") -> None:
+        self.response = Response(model=model, stop_reason=None, protocol=protocol)
+        self._blocks: dict[int, Part] = {}
+
+    def add(self, event: StreamEvent) -> None:
+        kind = event.kind
+        blocks = self._blocks
+        if kind == EventKind.TEXT:
+            part = blocks.get(event.index)
+            if isinstance(part, TextPart):
+                part.text += event.text
+            else:
+                blocks[event.index] = TextPart(event.text)
+        elif kind == EventKind.TOOL_CALL_DELTA:
+            part = blocks.get(event.index)
+            if isinstance(part, ToolCallPart):
+                part.arguments += event.text
+        elif kind == EventKind.TOOL_CALL_START:
+            blocks[event.index] = ToolCallPart(id=event.id or "", name=event.name or "", arguments="")
+        elif kind == EventKind.THINKING:
+            part = blocks.get(event.index)
+            if not isinstance(part, ThinkingPart):
+                part = blocks[event.index] = ThinkingPart(protocol=self.response.protocol)
+            part.text += event.text
+            if event.signature:
+                part.signature = (part.signature or "") + event.signature
+        elif kind == EventKind.USAGE and event.usage is not None:
+            self.response.usage = event.usage
+        elif kind == EventKind.STOP:
+            self.response.stop_reason = event.stop_reason
+            if event.usage is not None:
+                self.response.usage = event.usage
+        elif kind == EventKind.START:
+            if event.model:
+                self.response.model = event.model
+            self.response.id = event.id
+        elif kind == EventKind.ERROR:
+            self.response.stop_reason = "error"
+
+    def build(self) -> Response:
+        parts = [self._blocks[i] for i in sorted(self._blocks)]
+        for part in parts:
+            if isinstance(part, ToolCallPart) and not part.arguments:
+                part.arguments = "{}"
+        self.response.parts = parts
+        return self.response
+
+
+def response_events(response: Response) -> list[StreamEvent]:
+    """A complete response as the stream of events that would have produced it."""
+    events = [StreamEvent(EventKind.START, id=response.id, model=response.model)]
+    for index, part in enumerate(response.parts):
+        if isinstance(part, TextPart):
+            events.append(StreamEvent(EventKind.TEXT, index=index, text=part.text))
+        elif isinstance(part, ToolCallPart):
+            events.append(StreamEvent(EventKind.TOOL_CALL_START, index=index, id=part.id, name=part.name))
+            events.append(StreamEvent(EventKind.TOOL_CALL_DELTA, index=index, text=part.arguments))
+        elif isinstance(part, ThinkingPart):
+            events.append(StreamEvent(EventKind.THINKING, index=index, text=part.text, signature=part.signature))
+        else:
+            continue
+        events.append(StreamEvent(EventKind.BLOCK_STOP, index=index))
+    events.append(StreamEvent(EventKind.USAGE, usage=response.usage))
+    events.append(StreamEvent(EventKind.STOP, stop_reason=response.stop_reason or "end_turn", usage=response.usage))
+    return events

@@ -1,0 +1,139 @@
+"""The ``llmproxy`` command: serve, validate config, list plugins."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import Config, ConfigError, default_config, load_config
+from .manager import PluginHost, PluginLoadError, describe
+
+
+def _load(config_path: str | None) -> tuple[Config, PluginHost]:
+    if config_path:
+        config = load_config(config_path)
+        return config, PluginHost(config)
+    # The default config depends on which provider types are installed.
+    probe = PluginHost(default_config(frozenset()))
+    config = default_config(frozenset(probe.provider_types))
+    return config, PluginHost(config)
+
+
+def _fail(error: Exception) -> None:
+    click.echo(f"error: {error}" if not isinstance(error, ConfigError) else str(error), err=True)
+    sys.exit(2)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), envvar="LLMPROXY_CONFIG",
+              help="YAML config file. Without one: the offline backend plus every backend whose key is in the environment.")
+@click.option("--host", help="Bind address (overrides proxy.host).")
+@click.option("--port", type=int, help="Port (overrides proxy.port; 0 picks a free one).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Overrides proxy.log_level.")
+@click.version_option(__version__, prog_name="llmproxy")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, host: str | None, port: int | None, log_level: str | None) -> None:
+    """llmproxy: an intercepting proxy between LLM clients and LLM backends.
+
+    With no sub-command, serve.
+    """
+    ctx.obj = {"config_path": config_path}
+    if ctx.invoked_subcommand is None:
+        serve_command(config_path, host, port, log_level)
+
+
+def serve_command(config_path: str | None, host: str | None, port: int | None, log_level: str | None) -> None:
+    try:
+        config, plugin_host = _load(config_path)
+    except (ConfigError, PluginLoadError) as error:
+        _fail(error)
+        return
+    if host:
+        config.proxy.host = host
+    if port is not None:
+        config.proxy.port = port
+    level = log_level or config.proxy.log_level
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from .app import serve
+
+    try:
+        _run(serve(config, plugin_host))
+    except ConfigError as error:
+        _fail(error)
+    except KeyboardInterrupt:
+        pass
+
+
+def _run(coro: Any) -> None:
+    try:
+        import uvloop  # optional: a faster event loop where it is available
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(coro)
+
+
+@main.command("serve")
+@click.pass_context
+def serve_cmd(ctx: click.Context) -> None:
+    """Serve (the same as running llmproxy with no sub-command)."""
+    serve_command(ctx.obj["config_path"], None, None, None)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect configuration."""
+
+
+@config_group.command("validate")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help="File to check (default: --config of llmproxy).")
+@click.pass_context
+def validate(ctx: click.Context, config_path: str | None) -> None:
+    """Check a config file, plugin sections included; exit 0 when valid, 2 when not."""
+    path = config_path or ctx.obj["config_path"]
+    try:
+        config, host = _load(path)
+        from .app import check_bind
+
+        check_bind(config)
+    except (ConfigError, PluginLoadError) as error:
+        _fail(error)
+        return
+    missing = []
+    for name, section in config.backends.items():
+        for ref in host.provider_types[section["type"]].Settings.model_validate(section).api_keys:
+            if ref.get() is None:
+                missing.append(f"warning: backends.{name}: {ref.describe()} is not set; requests to {name} will fail")
+    for line in missing:
+        click.echo(line, err=True)
+    click.echo(f"{config.source}: valid ({len(config.backends)} backends, {len(config.models)} aliases, {len(host.plugins)} plugins)")
+
+
+@main.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def plugins_cmd(ctx: click.Context, as_json: bool) -> None:
+    """List plugins (name, version, origin, hooks) and each hook chain in run order."""
+    try:
+        _, host = _load(ctx.obj["config_path"])
+    except (ConfigError, PluginLoadError) as error:
+        _fail(error)
+        return
+    info = describe(host)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for plugin in info["plugins"]:
+        extra = f"  providers: {', '.join(plugin['providers'])}" if plugin["providers"] else ""
+        click.echo(f"{plugin['name']:<20} {plugin['version']:<10} {plugin['origin']:<28} hooks: {', '.join(plugin['hooks']) or '-'}{extra}")
+    click.echo("\nchains (run order):")
+    for hook, order in info["chains"].items():
+        click.echo(f"  {hook:<17} {' → '.join(order) or '-'}")

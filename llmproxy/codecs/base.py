@@ -1,0 +1,141 @@
+"""What every wire-protocol codec provides, and the SSE framing they share.
+
+A codec is used from both sides: a front-end decodes the client's request and encodes the
+answer back; a provider encodes the request for its backend and decodes the backend's answer.
+Stream decoders and encoders are small stateful objects, one per stream, fed batches so that
+one upstream read becomes at most one client write.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import orjson
+
+from ..canonical import Request, Response, StreamEvent
+from ..errors import ProxyError
+
+
+class StreamDecoder(Protocol):
+    def feed(self, chunk: bytes) -> list[StreamEvent]:
+        """Parse the complete events in ``chunk`` (plus whatever was buffered)."""
+
+    def close(self) -> list[StreamEvent]:
+        """The stream ended cleanly: return the final events (or raise ProxyError if it
+        ended before the protocol says it is complete)."""
+
+
+class StreamEncoder(Protocol):
+    def encode(self, events: list[StreamEvent]) -> bytes:
+        """Wire bytes for a batch of canonical events (may be empty)."""
+
+
+class Codec(Protocol):
+    protocol: str
+    content_type_stream: str
+
+    # -- front-end side ----------------------------------------------------------------
+    def peek(self, body: dict[str, Any]) -> tuple[str, bool]:
+        """Cheaply validate the request's required fields; return (model, stream)."""
+
+    def decode_request(self, body: dict[str, Any]) -> Request: ...
+
+    def encode_response(self, response: Response, request: Request | None) -> dict[str, Any]: ...
+
+    def stream_encoder(self, request: Request | None, model: str) -> StreamEncoder: ...
+
+    def error_body(self, error: ProxyError) -> dict[str, Any]: ...
+
+    def error_event(self, error: ProxyError) -> bytes: ...
+
+    # -- provider side -----------------------------------------------------------------
+    def encode_request(self, request: Request, model: str) -> dict[str, Any]: ...
+
+    def decode_response(self, body: dict[str, Any]) -> Response: ...
+
+    def stream_decoder(self) -> StreamDecoder: ...
+
+    def stream_complete(self, tail: bytes) -> bool:
+        """Cheap check on a stream's last bytes: did it end as the protocol says it must?
+        (False only means "decode it to be sure".)"""
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj)
+
+
+loads = orjson.loads
+
+
+class SSESplitter:
+    """Splits a byte stream into SSE frames, keeping a partial frame for the next chunk.
+
+    Yields ``(event, data)`` per frame: ``event`` is the ``event:`` field or None, ``data``
+    the joined ``data:`` lines as bytes. Frames are separated by a blank line (LF or CRLF).
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[tuple[str | None, bytes]]:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = buffer
+            return []
+        self._buffer = buffer[end + 2 :]
+        frames = []
+        for raw in buffer[:end].split(b"\n\n"):
+            if raw:
+                frame = _parse_frame(raw)
+                if frame is not None:
+                    frames.append(frame)
+        return frames
+
+    def close(self) -> list[tuple[str | None, bytes]]:
+        """Frames left in the buffer when the stream ended without a final blank line."""
+        rest, self._buffer = self._buffer.strip(b"\n"), b""
+        if not rest:
+            return []
+        frame = _parse_frame(rest)
+        return [frame] if frame is not None else []
+
+
+def _parse_frame(raw: bytes) -> tuple[str | None, bytes] | None:
+    if raw.startswith(b"data: ") and b"\n" not in raw:  # the common case, one data line
+        return None, raw[6:]
+    event = None
+    data: list[bytes] = []
+    for line in raw.split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(b" ") else value)
+        elif line.startswith(b"event:"):
+            event = line[6:].strip().decode()
+        # comments (":") and id:/retry: fields carry nothing we use
+    if not data and event is None:
+        return None
+    return event, b"\n".join(data)
+
+
+def sse_frame(data: bytes, event: str | None = None) -> bytes:
+    if event is None:
+        return b"data: " + data + b"\n\n"
+    return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+
+
+def complete_frames_end(buffer: bytes) -> int:
+    """Index just past the last complete SSE frame in ``buffer`` (0 if none).
+
+    Used by the raw pass-through path so a failure mid-frame never leaves the client a
+    half-written frame in front of our error event.
+    """
+    end = buffer.rfind(b"\n\n")
+    crlf = buffer.rfind(b"\r\n\r\n")
+    if crlf >= 0 and crlf + 4 > end + 2:
+        return crlf + 4
+    return end + 2 if end >= 0 else 0

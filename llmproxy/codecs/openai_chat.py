@@ -1,0 +1,651 @@
+"""OpenAI Chat Completions (`/v1/chat/completions`) ⇄ the canonical model.
+
+Used by the OpenAI front-end and by every OpenAI-compatible provider. Fields the canonical
+model has no name for stay in ``extra`` and are written back when both sides speak this
+protocol, so logprobs, ``n``, ``service_tier``, vendor extensions and the like pass through.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from ..canonical import (
+    EventKind,
+    ImagePart,
+    Message,
+    OpaquePart,
+    Part,
+    Request,
+    Response,
+    StreamEvent,
+    TextPart,
+    ThinkingPart,
+    Tool,
+    ToolCallPart,
+    ToolResultPart,
+    Usage,
+)
+from ..errors import ProxyError, bad_request
+from .base import SSESplitter, dumps, loads, sse_frame
+
+PROTOCOL = "openai_chat"
+
+# Request keys read into canonical fields; everything else is kept in Request.extra.
+_PARAM_KEYS = ("temperature", "top_p", "max_tokens", "stop", "seed", "presence_penalty", "frequency_penalty", "n", "user")
+_KNOWN_KEYS = frozenset(
+    _PARAM_KEYS
+    + (
+        "model",
+        "messages",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "stream",
+        "stream_options",
+        "reasoning_effort",
+        "max_completion_tokens",
+        "metadata",
+    )
+)
+_ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "function"))
+
+FINISH_TO_STOP = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "content_filter",
+}
+STOP_TO_FINISH = {
+    "end_turn": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "stop_sequence": "stop",
+    "content_filter": "content_filter",
+    "error": "stop",
+    None: "stop",
+}
+
+
+class OpenAIChatCodec:
+    protocol = PROTOCOL
+    content_type_stream = "text/event-stream"
+
+    # -- requests ----------------------------------------------------------------------
+    def peek(self, body: dict[str, Any]) -> tuple[str, bool]:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise bad_request("'model' is required and must be a non-empty string", "model")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("'messages' is required and must be a non-empty array", "messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise bad_request(f"messages[{i}] must be an object", f"messages[{i}]")
+            if message.get("role") not in _ROLES:
+                raise bad_request(
+                    f"messages[{i}].role must be one of {sorted(_ROLES)}, got {message.get('role')!r}",
+                    f"messages[{i}].role",
+                )
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise bad_request("'stream' must be a boolean", "stream")
+        return model, stream
+
+    def decode_request(self, body: dict[str, Any]) -> Request:
+        model, stream = self.peek(body)
+        request = Request(model=model, stream=stream, protocol=PROTOCOL)
+        request.extra = {k: v for k, v in body.items() if k not in _KNOWN_KEYS}
+        params = request.params
+        for key in _PARAM_KEYS:
+            if key in body:
+                params[key] = body[key]
+        if "max_completion_tokens" in body:
+            params["max_tokens"] = body["max_completion_tokens"]
+            params["_max_tokens_key"] = "max_completion_tokens"
+        options = body.get("stream_options")
+        if isinstance(options, dict):
+            request.include_usage = bool(options.get("include_usage"))
+        if isinstance(body.get("metadata"), dict):
+            request.metadata = body["metadata"]
+        if "reasoning_effort" in body:
+            request.reasoning = {"effort": body["reasoning_effort"]}
+        if "parallel_tool_calls" in body:
+            request.parallel_tool_calls = body["parallel_tool_calls"]
+        request.tools = [_decode_tool(t, i) for i, t in enumerate(body.get("tools") or ())]
+        request.tool_choice = _decode_tool_choice(body.get("tool_choice"))
+        request.response_format = _decode_response_format(body.get("response_format"))
+
+        messages = body["messages"]
+        start = 0
+        # Leading system/developer messages become the canonical system prompt; later ones
+        # stay in place as messages (agents do send system turns mid-conversation).
+        while start < len(messages) and messages[start]["role"] in ("system", "developer"):
+            message = messages[start]
+            for part in _decode_content(message.get("content"), f"messages[{start}].content"):
+                if isinstance(part, TextPart):
+                    if message["role"] == "developer":
+                        part.extra["role"] = "developer"
+                    request.system.append(part)
+            start += 1
+        request.messages = [_decode_message(m, i) for i, m in enumerate(messages[start:], start)]
+        return request
+
+    def encode_request(self, request: Request, model: str) -> dict[str, Any]:
+        same = request.protocol == PROTOCOL
+        body: dict[str, Any] = dict(request.extra) if same else {}
+        body["model"] = model
+        messages: list[dict[str, Any]] = []
+        for part in request.system:
+            messages.append({"role": part.extra.get("role", "system") if same else "system", "content": part.text})
+        for message in request.messages:
+            messages.extend(_encode_message(message, same))
+        body["messages"] = messages
+        params = dict(request.params)
+        max_key = params.pop("_max_tokens_key", "max_tokens")
+        if "max_tokens" in params:
+            params[max_key] = params.pop("max_tokens")
+        body.update(params)
+        if request.tools:
+            body["tools"] = [_encode_tool(t, same) for t in request.tools]
+        if request.tool_choice is not None:
+            body["tool_choice"] = _encode_tool_choice(request.tool_choice)
+        if request.parallel_tool_calls is not None and request.tools:
+            body["parallel_tool_calls"] = request.parallel_tool_calls
+        if request.response_format is not None:
+            body["response_format"] = _encode_response_format(request.response_format)
+        if request.reasoning and request.reasoning.get("effort"):
+            body["reasoning_effort"] = request.reasoning["effort"]
+        if same and request.metadata:
+            body["metadata"] = request.metadata
+        if request.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    # -- responses ---------------------------------------------------------------------
+    def decode_response(self, body: dict[str, Any]) -> Response:
+        choices = body.get("choices")
+        if not isinstance(choices, list):
+            raise ProxyError(502, "upstream answer has no 'choices' array")
+        response = Response(model=body.get("model") or "", id=body.get("id"), protocol=PROTOCOL)
+        response.extra = {k: v for k, v in body.items() if k not in ("choices", "usage", "model", "id", "object")}
+        if choices:
+            choice = choices[0]
+            message = choice.get("message") or {}
+            parts = response.parts
+            reasoning = message.get("reasoning_content") or message.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                parts.append(ThinkingPart(text=reasoning, protocol=PROTOCOL))
+            content = message.get("content")
+            if content:
+                parts.extend(_decode_content(content, "choices[0].message.content"))
+            for call in message.get("tool_calls") or ():
+                fn = call.get("function") or {}
+                parts.append(ToolCallPart(id=call.get("id") or _call_id(), name=fn.get("name", ""), arguments=fn.get("arguments") or "{}"))
+            response.stop_reason = FINISH_TO_STOP.get(choice.get("finish_reason"), "end_turn")
+            extra_message = {k: v for k, v in message.items() if k not in ("role", "content", "tool_calls", "reasoning_content", "reasoning")}
+            if extra_message:
+                response.extra["_message"] = extra_message
+            if choice.get("logprobs") is not None:
+                response.extra["_logprobs"] = choice["logprobs"]
+            if len(choices) > 1:
+                response.extra["_choices"] = choices[1:]
+        response.usage = decode_usage(body.get("usage"))
+        return response
+
+    def encode_response(self, response: Response, request: Request | None) -> dict[str, Any]:
+        same = response.protocol == PROTOCOL
+        extra = response.extra if same else {}
+        message: dict[str, Any] = {"role": "assistant", "content": None}
+        message.update(extra.get("_message", ()))
+        text = "".join(p.text for p in response.parts if isinstance(p, TextPart))
+        message["content"] = text if text or not response.tool_calls else None
+        reasoning = "".join(p.text for p in response.parts if isinstance(p, ThinkingPart))
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        calls = response.tool_calls
+        if calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+            ]
+        choice = {"index": 0, "message": message, "logprobs": extra.get("_logprobs"), "finish_reason": STOP_TO_FINISH.get(response.stop_reason, "stop")}
+        body = {
+            "id": response.id or f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": response.model,
+            "choices": [choice, *extra.get("_choices", ())],
+            "usage": encode_usage(response.usage),
+        }
+        body.update((k, v) for k, v in extra.items() if not k.startswith("_"))
+        return body
+
+    # -- streams -----------------------------------------------------------------------
+    def stream_decoder(self) -> "ChatStreamDecoder":
+        return ChatStreamDecoder()
+
+    def stream_complete(self, tail: bytes) -> bool:
+        return b"[DONE]" in tail
+
+    def stream_encoder(self, request: Request | None, model: str) -> "ChatStreamEncoder":
+        include_usage = request.include_usage if request is not None else False
+        return ChatStreamEncoder(model, include_usage)
+
+    # -- errors ------------------------------------------------------------------------
+    def error_body(self, error: ProxyError) -> dict[str, Any]:
+        return {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}}
+
+    def error_event(self, error: ProxyError) -> bytes:
+        return sse_frame(dumps(self.error_body(error)))
+
+
+def decode_usage(usage: Any) -> Usage:
+    if not isinstance(usage, dict):
+        return Usage()
+    prompt = usage.get("prompt_tokens_details") or {}
+    completion = usage.get("completion_tokens_details") or {}
+    return Usage(
+        input_tokens=usage.get("prompt_tokens") or 0,
+        output_tokens=usage.get("completion_tokens") or 0,
+        cached_input_tokens=prompt.get("cached_tokens") or 0,
+        reasoning_tokens=completion.get("reasoning_tokens") or 0,
+    )
+
+
+def encode_usage(usage: Usage) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+    }
+    if usage.cached_input_tokens:
+        body["prompt_tokens_details"] = {"cached_tokens": usage.cached_input_tokens}
+    if usage.reasoning_tokens:
+        body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return body
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _decode_tool(tool: Any, i: int) -> Tool:
+    if not isinstance(tool, dict):
+        raise bad_request(f"tools[{i}] must be an object", f"tools[{i}]")
+    fn = tool.get("function")
+    if tool.get("type", "function") != "function" or not isinstance(fn, dict):
+        raise bad_request(f"tools[{i}]: only function tools are supported, with a 'function' object", f"tools[{i}]")
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad_request(f"tools[{i}].function.name is required", f"tools[{i}].function.name")
+    parameters = fn.get("parameters")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    elif not isinstance(parameters, dict):
+        raise bad_request(f"tools[{i}].function.parameters must be a JSON schema object", f"tools[{i}].function.parameters")
+    extra = {k: v for k, v in fn.items() if k not in ("name", "description", "parameters", "strict")}
+    return Tool(name=name, description=fn.get("description"), parameters=parameters, strict=fn.get("strict"), extra=extra)
+
+
+def _encode_tool(tool: Tool, same: bool) -> dict[str, Any]:
+    fn: dict[str, Any] = dict(tool.extra) if same else {}
+    fn["name"] = tool.name
+    if tool.description is not None:
+        fn["description"] = tool.description
+    fn["parameters"] = tool.parameters
+    if tool.strict is not None:
+        fn["strict"] = tool.strict
+    return {"type": "function", "function": fn}
+
+
+def _decode_tool_choice(choice: Any) -> str | None:
+    if choice is None or isinstance(choice, str):
+        if choice not in (None, "auto", "none", "required"):
+            raise bad_request("tool_choice must be 'auto', 'none', 'required' or a function", "tool_choice")
+        return choice
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if isinstance(name, str) and name:
+            return name
+    raise bad_request("tool_choice must be 'auto', 'none', 'required' or {type: function, function: {name}}", "tool_choice")
+
+
+def _encode_tool_choice(choice: str) -> Any:
+    if choice in ("auto", "none", "required"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}
+
+
+def _decode_response_format(fmt: Any) -> dict[str, Any] | None:
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad_request("response_format.type must be 'text', 'json_object' or 'json_schema'", "response_format.type")
+    if fmt["type"] == "text":
+        return None
+    if fmt["type"] == "json_object":
+        return {"type": "json_object"}
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise bad_request("response_format.json_schema must be an object with a 'schema'", "response_format.json_schema")
+    out = {"type": "json_schema", "name": spec.get("name", "response"), "schema": spec.get("schema", {})}
+    if "strict" in spec:
+        out["strict"] = spec["strict"]
+    if "description" in spec:
+        out["description"] = spec["description"]
+    return out
+
+
+def _encode_response_format(fmt: dict[str, Any]) -> dict[str, Any]:
+    if fmt["type"] == "json_object":
+        return {"type": "json_object"}
+    spec = {k: v for k, v in fmt.items() if k != "type"}
+    spec.setdefault("name", "response")
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def _decode_content(content: Any, where: str) -> list[Part]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [TextPart(content)]
+    if not isinstance(content, list):
+        raise bad_request(f"{where} must be a string or an array of content parts", where)
+    parts: list[Part] = []
+    for i, item in enumerate(content):
+        if not isinstance(item, dict):
+            raise bad_request(f"{where}[{i}] must be an object", f"{where}[{i}]")
+        kind = item.get("type")
+        if kind == "text":
+            text = item.get("text")
+            if not isinstance(text, str):
+                raise bad_request(f"{where}[{i}].text must be a string", f"{where}[{i}].text")
+            parts.append(TextPart(text, extra={k: v for k, v in item.items() if k not in ("type", "text")}))
+        elif kind == "image_url":
+            image = item.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise bad_request(f"{where}[{i}].image_url.url must be a string", f"{where}[{i}].image_url")
+            extra = {k: v for k, v in image.items() if k != "url"} if isinstance(image, dict) else {}
+            parts.append(image_from_url(url, extra))
+        else:
+            parts.append(OpaquePart(PROTOCOL, item))
+    return parts
+
+
+def image_from_url(url: str, extra: dict[str, Any] | None = None) -> ImagePart:
+    """A data: URL becomes inline data with its media type; anything else stays a URL."""
+    if url.startswith("data:") and ";base64," in url:
+        header, data = url[5:].split(";base64,", 1)
+        return ImagePart(data=data, media_type=header or "application/octet-stream", extra=extra or {})
+    return ImagePart(url=url, extra=extra or {})
+
+
+def image_to_url(part: ImagePart) -> str:
+    if part.data is not None:
+        return f"data:{part.media_type or 'image/png'};base64,{part.data}"
+    return part.url or ""
+
+
+def _encode_parts(parts: list[Part], same: bool) -> str | list[dict[str, Any]] | None:
+    """Plain string content when the message is text only (what most servers expect)."""
+    content: list[dict[str, Any]] = []
+    simple = True
+    for part in parts:
+        if isinstance(part, TextPart):
+            if part.extra and same:
+                simple = False
+                content.append({"type": "text", "text": part.text, **part.extra})
+            else:
+                content.append({"type": "text", "text": part.text})
+        elif isinstance(part, ImagePart):
+            simple = False
+            image = {"url": image_to_url(part)}
+            if same:
+                image.update(part.extra)
+            content.append({"type": "image_url", "image_url": image})
+        elif isinstance(part, OpaquePart) and part.protocol == PROTOCOL:
+            simple = False
+            content.append(part.data)
+    if not content:
+        return None
+    if simple:
+        return "".join(c["text"] for c in content)
+    return content
+
+
+def _decode_message(message: dict[str, Any], i: int) -> Message:
+    role = message["role"]
+    where = f"messages[{i}]"
+    extra = {k: v for k, v in message.items() if k not in ("role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content")}
+    if role in ("tool", "function"):
+        call_id = message.get("tool_call_id") or message.get("name")
+        if not isinstance(call_id, str):
+            raise bad_request(f"{where}.tool_call_id is required for tool messages", f"{where}.tool_call_id")
+        content = _decode_content(message.get("content"), f"{where}.content")
+        return Message(role="tool", parts=[ToolResultPart(tool_call_id=call_id, content=content, name=message.get("name"))], extra=extra)
+    parts: list[Part] = []
+    reasoning = message.get("reasoning_content")
+    if isinstance(reasoning, str) and reasoning:
+        parts.append(ThinkingPart(text=reasoning, protocol=PROTOCOL))
+    parts.extend(_decode_content(message.get("content"), f"{where}.content"))
+    for j, call in enumerate(message.get("tool_calls") or ()):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_request(f"{where}.tool_calls[{j}].function.name is required", f"{where}.tool_calls[{j}].function")
+        arguments = fn.get("arguments")
+        if not isinstance(arguments, str):
+            arguments = dumps(arguments or {}).decode()
+        parts.append(ToolCallPart(id=call.get("id") or _call_id(), name=fn["name"], arguments=arguments))
+    return Message(role=role, parts=parts, name=message.get("name"), extra=extra)
+
+
+def _encode_message(message: Message, same: bool) -> list[dict[str, Any]]:
+    if message.role == "tool" or any(isinstance(p, ToolResultPart) for p in message.parts):
+        out: list[dict[str, Any]] = []
+        rest: list[Part] = []
+        for part in message.parts:
+            if isinstance(part, ToolResultPart):
+                content = _encode_parts(part.content, same)
+                if content is None:
+                    content = ""
+                if part.is_error and isinstance(content, str):
+                    content = content if content.lower().startswith("error") else f"Error: {content}"
+                out.append({"role": "tool", "tool_call_id": part.tool_call_id, "content": content})
+            else:
+                rest.append(part)
+        if rest:
+            out.append({"role": "user", "content": _encode_parts(rest, same) or ""})
+        return out
+    body: dict[str, Any] = dict(message.extra) if same else {}
+    body["role"] = message.role if message.role != "developer" or same else "system"
+    if message.name:
+        body["name"] = message.name
+    if message.role == "assistant":
+        calls = [p for p in message.parts if isinstance(p, ToolCallPart)]
+        body["content"] = _encode_parts(message.parts, same)
+        if calls:
+            body["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+            ]
+        reasoning = [p for p in message.parts if isinstance(p, ThinkingPart) and p.protocol == PROTOCOL]
+        if reasoning and same:
+            body["reasoning_content"] = "".join(p.text for p in reasoning)
+    else:
+        content = _encode_parts(message.parts, same)
+        body["content"] = content if content is not None else ""
+    return [body]
+
+
+class ChatStreamDecoder:
+    """Chat completion chunks → canonical events for the first choice."""
+
+    __slots__ = ("_sse", "_started", "_blocks", "_next_index", "_open", "_stop", "_usage", "_done")
+
+    def __init__(self) -> None:
+        self._sse = SSESplitter()
+        self._started = False
+        self._blocks: dict[Any, int] = {}  # "text" | "thinking" | tool index -> canonical index
+        self._next_index = 0
+        self._open: list[int] = []
+        self._stop: str | None = None
+        self._usage: Usage | None = None
+        self._done = False
+
+    def feed(self, chunk: bytes) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        for event_name, data in self._sse.feed(chunk):
+            self._frame(event_name, data, events)
+        return events
+
+    def close(self) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        for event_name, data in self._sse.close():
+            self._frame(event_name, data, events)
+        if not self._done:
+            if self._stop is None:
+                raise ProxyError(502, "upstream stream ended before the response was complete")
+            self._finish(events)
+        return events
+
+    def _block(self, key: Any, events: list[StreamEvent], kind: str | None = None, **start: Any) -> int:
+        index = self._blocks.get(key)
+        if index is None:
+            index = self._blocks[key] = self._next_index
+            self._next_index += 1
+            self._open.append(index)
+            if kind is not None:
+                events.append(StreamEvent(kind, index=index, **start))
+        return index
+
+    def _finish(self, events: list[StreamEvent]) -> None:
+        self._close_blocks(events)
+        events.append(StreamEvent(EventKind.STOP, stop_reason=self._stop or "end_turn", usage=self._usage))
+        self._done = True
+
+    def _close_blocks(self, events: list[StreamEvent]) -> None:
+        for index in self._open:
+            events.append(StreamEvent(EventKind.BLOCK_STOP, index=index))
+        self._open = []
+
+    def _frame(self, event_name: str | None, data: bytes, events: list[StreamEvent]) -> None:
+        if self._done:
+            return
+        if data == b"[DONE]":
+            self._finish(events)
+            return
+        try:
+            chunk = loads(data)
+        except ValueError:
+            raise ProxyError(502, f"upstream sent a malformed stream event: {data[:200]!r}") from None
+        if not isinstance(chunk, dict):
+            raise ProxyError(502, "upstream sent a stream event that is not a JSON object")
+        if "error" in chunk and not chunk.get("choices"):
+            err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+            raise ProxyError(502, f"upstream error mid-stream: {err.get('message', err)}", kind=err.get("type") or "upstream_error")
+        if not self._started:
+            self._started = True
+            events.append(StreamEvent(EventKind.START, id=chunk.get("id"), model=chunk.get("model")))
+        usage = chunk.get("usage")
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning and isinstance(reasoning, str):
+                index = self._block("thinking", events)
+                events.append(StreamEvent(EventKind.THINKING, index=index, text=reasoning))
+            content = delta.get("content")
+            if content:
+                index = self._block("text", events)
+                event = StreamEvent(EventKind.TEXT, index=index, text=content)
+                if choice.get("logprobs") is not None:
+                    event.extra = {"logprobs": choice["logprobs"]}
+                events.append(event)
+            for call in delta.get("tool_calls") or ():
+                key = ("tool", call.get("index", 0))
+                fn = call.get("function") or {}
+                index = self._blocks.get(key)
+                if index is None:
+                    index = self._block(
+                        key, events, EventKind.TOOL_CALL_START, id=call.get("id") or _call_id(), name=fn.get("name") or ""
+                    )
+                arguments = fn.get("arguments")
+                if arguments:
+                    events.append(StreamEvent(EventKind.TOOL_CALL_DELTA, index=index, text=arguments))
+            finish = choice.get("finish_reason")
+            if finish:
+                self._stop = FINISH_TO_STOP.get(finish, "end_turn")
+                self._close_blocks(events)
+        if usage:
+            self._usage = decode_usage(usage)
+            events.append(StreamEvent(EventKind.USAGE, usage=self._usage))
+
+
+class ChatStreamEncoder:
+    """Canonical events → chat completion chunks, one SSE frame per chunk."""
+
+    __slots__ = ("_prefix", "_suffix", "_include_usage", "_usage", "_tool_slots", "_id", "_model", "_created")
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self._id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self._model = model
+        self._created = int(time.time())
+        self._include_usage = include_usage
+        self._usage: Usage | None = None
+        self._tool_slots: dict[int, int] = {}  # canonical index -> OpenAI tool_calls index
+        self._set_envelope()
+
+    def _set_envelope(self) -> None:
+        # Every chunk shares this envelope; pre-serialising it saves a dict and a dump per event.
+        head = dumps({"id": self._id, "object": "chat.completion.chunk", "created": self._created, "model": self._model})
+        self._prefix = b"data: " + head[:-1] + b',"choices":[{"index":0,"delta":'
+        self._suffix = b"}]}\n\n"
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None, extra: dict[str, Any] | None = None) -> bytes:
+        tail = b',"logprobs":null,"finish_reason":' + (dumps(finish) if finish else b"null")
+        if extra:
+            tail += b"," + dumps(extra)[1:-1]
+        return self._prefix + dumps(delta) + tail + self._suffix
+
+    def encode(self, events: list[StreamEvent]) -> bytes:
+        out: list[bytes] = []
+        for event in events:
+            kind = event.kind
+            if kind == EventKind.TEXT:
+                if event.text:
+                    out.append(self._chunk({"content": event.text}, extra=event.extra))
+            elif kind == EventKind.TOOL_CALL_DELTA:
+                slot = self._tool_slots.get(event.index, 0)
+                out.append(self._chunk({"tool_calls": [{"index": slot, "function": {"arguments": event.text}}]}))
+            elif kind == EventKind.TOOL_CALL_START:
+                slot = self._tool_slots[event.index] = len(self._tool_slots)
+                call = {"index": slot, "id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}}
+                out.append(self._chunk({"tool_calls": [call]}))
+            elif kind == EventKind.THINKING:
+                if event.text:
+                    out.append(self._chunk({"reasoning_content": event.text}))
+            elif kind == EventKind.START:
+                if event.id and event.id.startswith("chatcmpl-"):
+                    self._id = event.id
+                if event.model:
+                    self._model = event.model
+                self._set_envelope()
+                out.append(self._chunk({"role": "assistant", "content": ""}))
+            elif kind == EventKind.USAGE:
+                self._usage = event.usage
+            elif kind == EventKind.STOP:
+                out.append(self._chunk({}, STOP_TO_FINISH.get(event.stop_reason, "stop")))
+                usage = event.usage or self._usage
+                if self._include_usage:
+                    head = {"id": self._id, "object": "chat.completion.chunk", "created": self._created, "model": self._model}
+                    out.append(sse_frame(dumps({**head, "choices": [], "usage": encode_usage(usage or Usage())})))
+                out.append(b"data: [DONE]\n\n")
+            elif kind == EventKind.ERROR:
+                error = event.error if isinstance(event.error, ProxyError) else ProxyError(500, str(event.error))
+                out.append(sse_frame(dumps({"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}})))
+        return b"".join(out)

@@ -1,0 +1,332 @@
+"""Configuration: YAML → ``${ENV}`` interpolation → pydantic models, with precise errors.
+
+Top-level shape (see docs/configuration.md): ``proxy``, ``auth``, ``backends``,
+``default_backend``, ``models``, ``plugins``. Unknown keys are errors. Secrets (backend and
+client keys) are written as references — ``${ENV_VAR}``, ``env:ENV_VAR`` or
+``keyring:service/name`` — and resolved only when used, so keys are never stored in files
+written by llmproxy, and a literal key in the file is refused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SECRET_KEYS = frozenset(("api_keys", "key"))
+
+
+class ConfigError(Exception):
+    """A config problem, worded for the user: file, key path, what is wrong."""
+
+    def __init__(self, problems: list[str], source: str = "<config>") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+class SecretRef:
+    """A reference to a secret; ``get()`` resolves it when it is needed, never earlier."""
+
+    __slots__ = ("ref", "kind", "name")
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        match = _ENV_PATTERN.fullmatch(ref)
+        if match and match.group(2) is None:
+            self.kind, self.name = "env", match.group(1)
+        elif ref.startswith("env:") and len(ref) > 4:
+            self.kind, self.name = "env", ref[4:]
+        elif ref.startswith("keyring:") and "/" in ref[8:]:
+            self.kind, self.name = "keyring", ref[8:]
+        else:
+            raise ValueError(
+                "secrets are written as references (${ENV_VAR}, env:ENV_VAR or keyring:service/name); "
+                "llmproxy refuses keys written into the file"
+            )
+
+    def get(self) -> str | None:
+        """The secret's value, or None when the variable or keyring entry is missing."""
+        if self.kind == "env":
+            return os.environ.get(self.name) or None
+        service, _, user = self.name.partition("/")
+        try:
+            import keyring  # optional: only needed for keyring: references
+        except ImportError:
+            return None
+        return keyring.get_password(service, user)
+
+    def describe(self) -> str:
+        return f"environment variable {self.name}" if self.kind == "env" else f"keyring entry {self.name}"
+
+    def __repr__(self) -> str:  # never the value
+        return f"SecretRef({self.ref!r})"
+
+    __str__ = __repr__
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _secret(value: Any) -> SecretRef:
+    if isinstance(value, SecretRef):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be a string reference such as ${ENV_VAR}")
+    return SecretRef(value)
+
+
+class ProxySettings(_Strict):
+    host: str = Field("127.0.0.1", description="Address to bind. Non-loopback addresses require auth.api_keys.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest request body accepted; larger gets 413.")
+    drain_timeout: float = Field(10.0, ge=0, description="Seconds to let in-flight requests finish on shutdown.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Console log level.")
+
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.host)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ClientKey(_Strict):
+    name: str = Field(description="Shown in logs and captures instead of the key.")
+    key: SecretRef = Field(description="Reference to the key clients send (Bearer or x-api-key).")
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    _v = field_validator("key", mode="before")(_secret)
+
+
+class AuthSettings(_Strict):
+    api_keys: list[ClientKey] = Field(default_factory=list, description="Client keys; none means loopback-only, no auth.")
+
+
+class TimeoutSettings(_Strict):
+    connect: float = Field(10.0, gt=0, description="Seconds to connect to the backend.")
+    read: float = Field(300.0, gt=0, description="Seconds allowed between two reads from the backend (stream idle).")
+
+
+class BackendConfig(_Strict):
+    """Settings every backend accepts; a provider's ``Settings`` subclass adds its own."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    type: str = Field(description="Provider type, e.g. openai or offline (`llmproxy plugins` lists them).")
+    base_url: str | None = Field(None, description="API base URL; each provider type has a default.")
+    api_keys: list[SecretRef] = Field(default_factory=list, description="Key references, tried in order.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers sent to the backend.")
+    models: list[str] = Field(
+        default_factory=list, description="Models this backend serves; empty means any name is passed through."
+    )
+    timeout: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    max_connections: int = Field(100, gt=0, description="Connection pool size for this backend.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, (str, SecretRef)):
+            value = [value]
+        return [_secret(v) for v in value]
+
+
+class AliasTarget(_Strict):
+    target: str = Field(description="`backend:model`")
+    weight: float = Field(1.0, gt=0)
+
+
+class ModelAlias(_Strict):
+    strategy: Literal["order"] = Field("order", description="How targets are tried (more strategies: routing issue).")
+    targets: list[AliasTarget] = Field(min_length=1)
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"target": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class PluginsSection(BaseModel):
+    """``plugins:``: ``load`` names extra modules to load; every other key is a plugin's
+    own section, validated by that plugin's settings model."""
+
+    model_config = ConfigDict(extra="allow")
+    load: list[str] = Field(default_factory=list, description="Python modules to load as plugins.")
+
+
+class Config(_Strict):
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    backends: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    default_backend: str | None = None
+    models: dict[str, ModelAlias] = Field(default_factory=dict)
+    plugins: PluginsSection = Field(default_factory=PluginsSection)
+
+    source: str = Field("<defaults>", exclude=True, description="Where this config came from.")
+
+    @model_validator(mode="after")
+    def _references(self) -> "Config":
+        problems = []
+        for name, section in self.backends.items():
+            if not isinstance(section, dict) or "type" not in section:
+                problems.append(f"backends.{name}.type: every backend needs a type")
+            if ":" in name:
+                problems.append(f"backends.{name}: backend names cannot contain ':'")
+        if self.default_backend is not None and self.default_backend not in self.backends:
+            problems.append(f"default_backend: {self.default_backend!r} is not one of backends ({', '.join(self.backends) or 'none'})")
+        for alias, spec in self.models.items():
+            for i, target in enumerate(spec.targets):
+                backend, sep, model = target.target.partition(":")
+                if not sep or not model:
+                    problems.append(f"models.{alias}.targets[{i}]: {target.target!r} must be written backend:model")
+                elif backend not in self.backends:
+                    problems.append(f"models.{alias}.targets[{i}]: no backend named {backend!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def plugin_section(self, name: str) -> dict[str, Any]:
+        section = (self.plugins.model_extra or {}).get(name)
+        return dict(section) if isinstance(section, dict) else {}
+
+
+def interpolate(value: Any, path: str = "", missing: list[str] | None = None) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in strings, except in secret fields, which
+    keep their reference and are resolved at use."""
+    if isinstance(value, dict):
+        return {k: (v if k in _SECRET_KEYS else interpolate(v, f"{path}.{k}" if path else str(k), missing)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, f"{path}[{i}]", missing) for i, v in enumerate(value)]
+    if isinstance(value, str) and "${" in value:
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            found = os.environ.get(name)
+            if found is None:
+                if default is not None:
+                    return default
+                if missing is not None:
+                    missing.append(f"{path}: environment variable {name} is not set")
+                return ""
+            return found
+
+        result = _ENV_PATTERN.sub(substitute, value)
+        if result.isdigit():  # "${PORT}" should still validate as an int
+            return int(result)
+        return result
+    return value
+
+
+def format_validation_error(error: ValidationError, prefix: str = "", lines: dict[str, int] | None = None) -> list[str]:
+    problems = []
+    for item in error.errors():
+        parts = [prefix] if prefix else []
+        for loc in item["loc"]:
+            if isinstance(loc, int):
+                parts[-1:] = [f"{parts[-1]}[{loc}]"] if parts else [f"[{loc}]"]
+            else:
+                parts.append(str(loc))
+        path = ".".join(parts) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        line = (lines or {}).get(path)
+        where = f"line {line}: " if line else ""
+        problems.append(f"{where}{path}: {message}")
+    return problems
+
+
+def _line_map(text: str) -> dict[str, int]:
+    """Key path → 1-based line, so errors can point into the file."""
+    lines: dict[str, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, child in node.value:
+                sub = f"{path}.{key.value}" if path else str(key.value)
+                lines[sub] = key.start_mark.line + 1
+                walk(child, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, child in enumerate(node.value):
+                sub = f"{path}[{i}]"
+                lines[sub] = child.start_mark.line + 1
+                walk(child, sub)
+
+    walk(root, "")
+    return lines
+
+
+def parse_config(data: Any, source: str = "<config>", text: str | None = None) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["the top level must be a mapping (proxy:, backends:, ...)"], source)
+    missing: list[str] = []
+    data = interpolate(data, missing=missing)
+    if missing:
+        raise ConfigError(missing, source)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, lines=_line_map(text) if text else None), source) from None
+    config.source = source
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as error:
+        raise ConfigError([f"cannot read the file: {error.strerror}"], str(file)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([f"{where}invalid YAML: {getattr(error, 'problem', error)}"], str(file)) from None
+    return parse_config(data, str(file), text)
+
+
+# Keys whose presence in the environment adds a backend to the default config. Only types a
+# loaded provider plugin offers are added, so the core names no provider itself.
+ENV_BACKENDS: dict[str, dict[str, Any]] = {
+    "openai": {"type": "openai", "api_keys": ["${OPENAI_API_KEY}"]},
+    "anthropic": {"type": "anthropic", "api_keys": ["${ANTHROPIC_API_KEY}"]},
+    "gemini": {"type": "gemini", "api_keys": ["${GEMINI_API_KEY}"]},
+    "openrouter": {"type": "openrouter", "api_keys": ["${OPENROUTER_API_KEY}"]},
+}
+
+
+def default_config(provider_types: set[str] | frozenset[str] = frozenset(), environ: dict[str, str] | None = None) -> Config:
+    """The config used when no file is given: the offline backend (default), plus every real
+    backend whose key is in the environment and whose provider type is available."""
+    env = os.environ if environ is None else environ
+    backends: dict[str, dict[str, Any]] = {"offline": {"type": "offline"}}
+    for name, section in ENV_BACKENDS.items():
+        variable = section["api_keys"][0][2:-1]
+        if env.get(variable) and section["type"] in provider_types:
+            backends[name] = dict(section)
+    return parse_config({"backends": backends, "default_backend": "offline"}, "<built-in defaults>")

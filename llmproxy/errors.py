@@ -1,0 +1,66 @@
+"""ProxyError: the one exception type that becomes a client-visible error.
+
+Anything a plugin, router or provider wants the client to see is raised as a ProxyError
+with an HTTP status and a short machine-readable ``kind``; each front-end codec writes it in
+its own protocol (OpenAI error JSON, Anthropic error object, Gemini error, SSE error frame).
+Any other exception is a bug: the pipeline logs it and the client gets a generic 500, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# OpenAI's error "type" strings by status, reused as our canonical kinds.
+KIND_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "client_closed_request",
+    500: "api_error",
+    502: "upstream_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+class ProxyError(Exception):
+    """An error the client should see, in its own protocol, with ``status``.
+
+    ``param`` names the offending request field when there is one; ``code`` is an optional
+    short code (OpenAI's ``code``); ``headers`` are added to the HTTP error response (for
+    example ``Retry-After``).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind or KIND_BY_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def __repr__(self) -> str:
+        return f"ProxyError({self.status}, {self.message!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "kind": self.kind, "message": self.message, "param": self.param, "code": self.code}
+
+
+def bad_request(message: str, param: str | None = None) -> ProxyError:
+    return ProxyError(400, message, param=param)

@@ -1,0 +1,168 @@
+"""The Flow: one mutable object per proxied call, and the control surface for plugins.
+
+Hooks read and change it: rewrite ``flow.request``, answer by setting ``flow.response``
+(the backend is then never called), block by raising :class:`~llmproxy.errors.ProxyError`,
+leave notes in ``flow.metadata``. ``flow.trace`` records what each plugin did, for
+captures and the inspector.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from .canonical import Request, Response
+from .errors import ProxyError
+
+if TYPE_CHECKING:
+    from .router import Target
+
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class ClientInfo:
+    """Who called: the matched client key's name (None without auth), address, user agent,
+    and the request headers (lower-case names) for plugins that identify sessions or clients."""
+
+    key_name: str | None = None
+    address: str | None = None
+    user_agent: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    """The HTTP request a provider is about to send; ``upstream_request`` hooks may edit it."""
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try at one target: what was sent, how it ended."""
+
+    backend: str
+    model: str
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    status: int | None = None
+    error: str | None = None
+    key_name: str | None = None
+
+
+class Flow:
+    """One client call, from the decoded request to the written response."""
+
+    __slots__ = (
+        "id",
+        "client",
+        "frontend",
+        "raw_request",
+        "model",
+        "stream",
+        "session",
+        "metadata",
+        "trace",
+        "target",
+        "attempts",
+        "error",
+        "started",
+        "first_token_at",
+        "ended",
+        "status",
+        "_request",
+        "_request_decoder",
+        "_response",
+        "_response_decoder",
+    )
+
+    def __init__(
+        self,
+        frontend: str,
+        raw_request: dict[str, Any],
+        model: str,
+        stream: bool,
+        client: ClientInfo | None = None,
+        request_decoder: Callable[[dict[str, Any]], Request] | None = None,
+    ) -> None:
+        self.id = f"{next(_ids):x}-{int(time.time() * 1000) & 0xFFFFFF:06x}"
+        self.client = client or ClientInfo()
+        self.frontend = frontend
+        self.raw_request = raw_request
+        self.model = model
+        self.stream = stream
+        self.session: str | None = None
+        self.metadata: dict[str, Any] = {}
+        self.trace: list[dict[str, Any]] = []
+        self.target: Target | None = None
+        self.attempts: list[Attempt] = []
+        self.error: ProxyError | None = None
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self.ended: float | None = None
+        self.status: int | None = None
+        self._request: Request | None = None
+        self._request_decoder = request_decoder
+        self._response: Response | None = None
+        self._response_decoder: Callable[[], Response] | None = None
+
+    # The canonical request is decoded on first use: a flow that no plugin reads and whose
+    # backend speaks the client's protocol is forwarded from the wire body, untouched.
+    @property
+    def request(self) -> Request:
+        if self._request is None:
+            assert self._request_decoder is not None, "flow has no request"
+            self._request = self._request_decoder(self.raw_request)
+            self._request.model = self.model
+        return self._request
+
+    @request.setter
+    def request(self, value: Request) -> None:
+        self._request = value
+        self.model = value.model
+
+    @property
+    def request_decoded(self) -> bool:
+        """True once anyone has read ``flow.request`` (so the wire body may be stale)."""
+        return self._request is not None
+
+    # Likewise the response: a pass-through answer is decoded only if someone reads it.
+    @property
+    def response(self) -> Response | None:
+        if self._response is None and self._response_decoder is not None:
+            decoder, self._response_decoder = self._response_decoder, None
+            try:
+                self._response = decoder()
+            except ProxyError:
+                self._response = None
+        return self._response
+
+    @response.setter
+    def response(self, value: Response | None) -> None:
+        self._response = value
+        self._response_decoder = None
+
+    def set_lazy_response(self, decoder: Callable[[], Response]) -> None:
+        self._response = None
+        self._response_decoder = decoder
+
+    @property
+    def has_response(self) -> bool:
+        return self._response is not None or self._response_decoder is not None
+
+    def note(self, plugin: str, what: str, **details: Any) -> None:
+        """Record that ``plugin`` did ``what`` to this flow (shown in captures and the UI)."""
+        self.trace.append({"plugin": plugin, "what": what, "at": time.monotonic() - self.started, **details})
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.ended is None else self.ended - self.started
+
+    def __repr__(self) -> str:
+        return f"<Flow {self.id} {self.frontend} model={self.model!r} stream={self.stream}>"

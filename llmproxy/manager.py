@@ -1,0 +1,248 @@
+"""Plugin loading and hook chains.
+
+Every plugin — built-in, third-party, or a module named in the config — is found and
+registered the same way: the ``llmproxy`` entry-point group, then ``plugins.load``. A plugin
+that fails to import, or implements a hook that does not exist (a misspelling), stops
+start-up with a message naming it. ``plugins.<name>.enabled: false`` leaves a plugin out.
+
+:class:`HookChains` precomputes, per hook, the implementations in the order they run, so the
+pipeline calls a chain with a plain loop (awaiting async implementations one by one) instead
+of a pluggy call per use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable, Iterable
+
+import pluggy
+from pydantic import BaseModel, ValidationError
+
+from . import hookspecs
+from .config import Config, ConfigError, format_validation_error
+
+log = logging.getLogger("llmproxy.plugins")
+
+ENTRY_POINT_GROUP = "llmproxy"
+FLOW_HOOKS = ("request", "upstream_request", "response", "stream_start", "error", "flow_done")
+
+
+class PluginLoadError(Exception):
+    """A plugin could not be loaded; the message names it and says why."""
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    origin: str  # "built-in", "entry point (dist)", or "config"
+    version: str
+    module: str
+    obj: Any = None
+    settings_model: type[BaseModel] | None = None
+    settings: BaseModel | None = None
+    providers: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Impl:
+    plugin: str
+    function: Callable[..., Any]
+    argnames: tuple[str, ...]
+
+
+def _entry_points() -> Iterable[metadata.EntryPoint]:
+    return sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+
+
+def _origin(ep: metadata.EntryPoint) -> tuple[str, str]:
+    dist = ep.dist
+    if dist is None:
+        return "entry point", "unknown"
+    name = dist.metadata["Name"]
+    if name.lower() == "llmproxy":
+        return "built-in", dist.version
+    return f"entry point ({name})", dist.version
+
+
+class PluginHost:
+    """Owns the pluggy manager and what was learned while loading plugins."""
+
+    def __init__(self, config: Config, *, entry_points: bool = True, extra: Iterable[tuple[str, Any]] = ()) -> None:
+        self.pm = pluggy.PluginManager("llmproxy")
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, PluginInfo] = {}
+        self.provider_types: dict[str, type] = {}
+        self.provider_owner: dict[str, str] = {}
+        disabled = {name for name in (config.plugins.model_extra or {}) if config.plugin_section(name).get("enabled") is False}
+
+        candidates: list[tuple[str, Callable[[], Any], str, str, str]] = []
+        if entry_points:
+            for ep in _entry_points():
+                origin, version = _origin(ep)
+                candidates.append((ep.name, ep.load, origin, version, ep.value))
+        for module_name in config.plugins.load:
+            candidates.append((module_name.rsplit(".", 1)[-1], lambda m=module_name: importlib.import_module(m), "config", "-", module_name))
+        for name, obj in extra:
+            candidates.append((name, lambda o=obj: o, "test", "-", getattr(obj, "__name__", type(obj).__name__)))
+
+        for name, load, origin, version, where in candidates:
+            if name in disabled:
+                self.plugins.setdefault(name, PluginInfo(name, origin + ", disabled", version, where))
+                continue
+            if name in self.plugins:
+                raise PluginLoadError(f"plugin {name!r} ({where}) has the same name as one already loaded from {self.plugins[name].module}")
+            try:
+                obj = load()
+            except Exception as error:  # any import failure must name the plugin
+                raise PluginLoadError(f"plugin {name!r} ({where}) failed to import: {type(error).__name__}: {error}") from error
+            try:
+                self.pm.register(obj, name=name)
+            except pluggy.PluginValidationError as error:
+                raise PluginLoadError(f"plugin {name!r} ({where}): {error}") from error
+            self.plugins[name] = PluginInfo(name, origin, version, where, obj)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as error:
+            plugin = self.pm.get_name(error.plugin) if error.plugin is not None else "?"
+            raise PluginLoadError(f"plugin {plugin!r}: {error} (misspelled hook? see docs/hooks.md)") from error
+        self._collect_providers()
+        self.validate_settings(config)
+
+    # -- registries ------------------------------------------------------------------------
+    def _collect_providers(self) -> None:
+        for impl in reversed(self.pm.hook.register_providers.get_hookimpls()):
+
+            def register(type_name: str, cls: type, _owner: str = impl.plugin_name) -> None:
+                if type_name in self.provider_types:
+                    raise PluginLoadError(
+                        f"plugin {_owner!r} registers provider type {type_name!r}, already registered by {self.provider_owner[type_name]!r}"
+                    )
+                self.provider_types[type_name] = cls
+                self.provider_owner[type_name] = _owner
+                self.plugins[_owner].providers.append(type_name)
+
+            impl.function(register=register)
+
+    def validate_settings(self, config: Config) -> None:
+        """Validate every ``plugins.<name>`` section with its plugin's model (and backends
+        with their provider's), raising one ConfigError listing every problem."""
+        problems: list[str] = []
+        for impl in self.pm.hook.plugin_settings.get_hookimpls():
+            self.plugins[impl.plugin_name].settings_model = impl.function()
+        for name in config.plugins.model_extra or {}:
+            section = config.plugins.model_extra[name]
+            if name not in self.plugins:
+                problems.append(f"plugins.{name}: no plugin named {name!r} is installed (loaded: {', '.join(sorted(self.plugins))})")
+                continue
+            if not isinstance(section, dict):
+                problems.append(f"plugins.{name}: must be a mapping of settings")
+        for info in self.plugins.values():
+            if info.obj is None:
+                continue
+            section = {k: v for k, v in config.plugin_section(info.name).items() if k != "enabled"}
+            if info.settings_model is None:
+                if section:
+                    problems.append(f"plugins.{info.name}: this plugin takes no settings (only enabled: true/false)")
+                continue
+            try:
+                info.settings = info.settings_model.model_validate(section)
+            except ValidationError as error:
+                problems.extend(format_validation_error(error, f"plugins.{info.name}"))
+        for backend, section in config.backends.items():
+            cls = self.provider_types.get(section.get("type", ""))
+            if cls is None:
+                problems.append(
+                    f"backends.{backend}.type: unknown provider type {section.get('type')!r} (available: {', '.join(sorted(self.provider_types))})"
+                )
+                continue
+            try:
+                cls.Settings.model_validate(section)
+            except ValidationError as error:
+                problems.extend(format_validation_error(error, f"backends.{backend}"))
+        if problems:
+            raise ConfigError(problems, config.source)
+
+    def chains(self) -> "HookChains":
+        return HookChains(self.pm)
+
+    def hooks_of(self, name: str) -> list[str]:
+        obj = self.plugins[name].obj
+        if obj is None:
+            return []
+        return [hc.name for hc in self.pm.get_hookcallers(obj) or ()]
+
+
+class HookChains:
+    """Per hook, the implementations in run order (first to last)."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.by_hook: dict[str, list[Impl]] = {}
+        for name in FLOW_HOOKS + ("configure", "startup", "shutdown"):
+            caller = getattr(pm.hook, name)
+            impls = [Impl(i.plugin_name, i.function, tuple(i.argnames)) for i in reversed(caller.get_hookimpls()) if not i.hookwrapper and not i.wrapper]
+            self.by_hook[name] = impls
+        self.request = self.by_hook["request"]
+        self.upstream_request = self.by_hook["upstream_request"]
+        self.response = self.by_hook["response"]
+        self.stream_start = self.by_hook["stream_start"]
+        self.error = self.by_hook["error"]
+        self.flow_done = self.by_hook["flow_done"]
+
+    def order(self, hook: str) -> list[str]:
+        return [impl.plugin for impl in self.by_hook.get(hook, ())]
+
+
+async def call_chain(impls: list[Impl], stop: Callable[[], bool] | None = None, **kwargs: Any) -> None:
+    """Call each implementation in order, awaiting awaitables; stop early when ``stop()``.
+
+    Exceptions propagate with the plugin's name attached as ``error.llmproxy_plugin``.
+    """
+    for impl in impls:
+        try:
+            result = impl.function(*[kwargs[a] for a in impl.argnames])
+            if inspect.isawaitable(result):
+                await result
+        except BaseException as error:
+            if not hasattr(error, "llmproxy_plugin"):
+                try:
+                    error.llmproxy_plugin = impl.plugin  # type: ignore[attr-defined]
+                except AttributeError:
+                    pass
+            raise
+        if stop is not None and stop():
+            return
+
+
+async def call_chain_logged(impls: list[Impl], **kwargs: Any) -> None:
+    """Like :func:`call_chain`, but a failing implementation is logged and skipped."""
+    for impl in impls:
+        try:
+            result = impl.function(*[kwargs[a] for a in impl.argnames])
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("plugin %s failed in a hook; continuing", impl.plugin)
+
+
+def describe(host: PluginHost) -> dict[str, Any]:
+    """What `llmproxy plugins` prints: each plugin and each flow chain in run order."""
+    chains = host.chains()
+    return {
+        "plugins": [
+            {
+                "name": info.name,
+                "version": info.version,
+                "origin": info.origin,
+                "module": info.module,
+                "hooks": host.hooks_of(info.name),
+                "providers": info.providers,
+                "settings": info.settings_model.__name__ if info.settings_model else None,
+            }
+            for info in host.plugins.values()
+        ],
+        "chains": {hook: chains.order(hook) for hook in FLOW_HOOKS},
+    }

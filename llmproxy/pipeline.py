@@ -1,0 +1,357 @@
+"""The way of one request: wire body → Flow → hook chains → backend → hook chains → wire.
+
+:func:`handle` is what every front-end route calls with its protocol's codec. Errors at any
+step become the client's protocol's error (JSON before the response began, an SSE error
+frame after); ``flow_done`` sees every flow, failed ones included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from .canonical import EventKind, ResponseBuilder, StreamEvent, response_events
+from .codecs import get_codec
+from .codecs.base import Codec, complete_frames_end, dumps, loads
+from .context import CONTEXT, ProxyContext
+from .errors import ProxyError
+from .flow import ClientInfo, Flow
+from .manager import call_chain, call_chain_logged
+from .providers import UpstreamReply, UpstreamStream
+
+log = logging.getLogger("llmproxy.flow")
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+JSON_TYPE = "application/json"
+_TERMINAL = (EventKind.STOP, EventKind.ERROR)
+# Errors worth trying the next target for; anything else is the request's own fault.
+RETRYABLE = frozenset((408, 409, 429, 500, 502, 503, 504, 529))
+_background: set[asyncio.Task[Any]] = set()
+
+
+def authenticate(request: web.Request, ctx: ProxyContext) -> ClientInfo:
+    headers = request.headers
+    client = ClientInfo(address=request.remote, user_agent=headers.get("User-Agent", ""), headers=headers)  # type: ignore[arg-type]
+    keys = ctx.state["client_keys"]
+    if not keys:
+        return client
+    presented = headers.get("Authorization", "")
+    if presented[:7].lower() == "bearer ":
+        presented = presented[7:].strip()
+    else:
+        presented = headers.get("x-api-key") or headers.get("x-goog-api-key") or request.query.get("key", "")
+    given = presented.encode()
+    matched = None
+    for name, key in keys:  # compare against every key: the time taken says nothing
+        if hmac.compare_digest(given, key) and matched is None:
+            matched = name
+    if matched is None:
+        raise ProxyError(401, "invalid or missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
+    client.key_name = matched
+    return client
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as error:
+        raise ProxyError(413, f"request body is larger than the limit of {error.max_size} bytes (proxy.max_body_bytes)") from None
+    if not raw:
+        raise ProxyError(400, "request body is empty; expected a JSON object")
+    try:
+        body = loads(raw)
+    except ValueError as error:
+        raise ProxyError(400, f"request body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise ProxyError(400, "request body must be a JSON object")
+    return body
+
+
+async def handle(request: web.Request, codec: Codec) -> web.StreamResponse:
+    """Serve one client call in ``codec``'s protocol."""
+    ctx = request.app[CONTEXT]
+    flow = Flow(codec.protocol, {}, "", False, request_decoder=codec.decode_request)
+    writer = _Writer(request, codec, flow)
+    try:
+        flow.client = authenticate(request, ctx)
+        flow.raw_request = await read_json(request)
+        flow.model, flow.stream = codec.peek(flow.raw_request)
+        await _run(flow, ctx, writer)
+    except ProxyError as error:
+        await _fail(flow, ctx, writer, error)
+    except asyncio.CancelledError:
+        # The client went away; the upstream was closed on the way out. Finish the books
+        # in the background: this task may not await anything any more.
+        flow.error = ProxyError(499, "client disconnected")
+        flow.status = flow.status or 499
+        _spawn(_done(flow, ctx))
+        raise
+    except Exception as error:
+        plugin = getattr(error, "llmproxy_plugin", None)
+        log.exception("flow %s failed%s", flow.id, f" in plugin {plugin}" if plugin else "")
+        where = f"plugin {plugin!r} failed" if plugin else "internal error"
+        await _fail(flow, ctx, writer, ProxyError(500, f"{where} ({type(error).__name__}); see the proxy log, flow {flow.id}"))
+    await _done(flow, ctx)
+    return writer.response
+
+
+async def _run(flow: Flow, ctx: ProxyContext, writer: "_Writer") -> None:
+    chains = ctx.chains
+    if chains.request:
+        await call_chain(chains.request, stop=lambda: flow.has_response, flow=flow)
+    if flow.stream:
+        processors = [p for p in (impl.function(flow) for impl in chains.stream_start) if p is not None] if chains.stream_start else []
+        if flow.has_response:
+            await writer.stream_events(_once(response_events(flow.response)), processors)  # type: ignore[arg-type]
+            return
+        upstream = await _dispatch(flow, ctx, processors)
+        try:
+            await writer.relay(upstream, processors)
+        finally:
+            await upstream.close()
+        return
+    if not flow.has_response:
+        reply = await _dispatch(flow, ctx, None)
+        if reply.response is not None:
+            flow.response = reply.response
+        else:
+            upstream_codec = get_codec(reply.protocol)
+            try:
+                data = loads(reply.body or b"")
+            except ValueError:
+                raise ProxyError(502, f"backend {flow.target.backend!r} sent a body that is not JSON") from None  # type: ignore[union-attr]
+            if reply.protocol == flow.frontend and not chains.response:
+                flow.set_lazy_response(lambda: upstream_codec.decode_response(data))
+                await writer.json(reply.body or b"", raw=True)
+                return
+            flow.response = upstream_codec.decode_response(data)
+    if chains.response:
+        await call_chain(chains.response, flow=flow)
+    await writer.json(dumps(writer.codec.encode_response(flow.response, flow.request if flow.request_decoded else None)))  # type: ignore[arg-type]
+
+
+async def _dispatch(flow: Flow, ctx: ProxyContext, processors: list[Any] | None) -> Any:
+    """Try each target in order; fail over on errors that another target may not have."""
+    targets = ctx.router.resolve(flow.model)
+    for i, target in enumerate(targets):
+        flow.target = target
+        try:
+            if processors is None:
+                reply: UpstreamReply = await target.provider.complete(flow, target)
+                return reply
+            passthrough = not processors and target.provider.protocol == flow.frontend
+            return await target.provider.stream(flow, target, passthrough)
+        except ProxyError as error:
+            if error.status not in RETRYABLE or i == len(targets) - 1:
+                raise
+            log.warning("flow %s: %s failed (%s %s); trying the next target", flow.id, target.label, error.status, error.message)
+    raise AssertionError("unreachable")
+
+
+async def _fail(flow: Flow, ctx: ProxyContext, writer: "_Writer", error: ProxyError) -> None:
+    flow.error = error
+    if ctx.chains.error:
+        await call_chain_logged(ctx.chains.error, flow=flow)
+    if writer.started:
+        await writer.stream_error(flow.error)
+    elif flow.error is None and flow.has_response:
+        # an error hook answered instead
+        await writer.json(dumps(writer.codec.encode_response(flow.response, None)))  # type: ignore[arg-type]
+    else:
+        await writer.error(flow.error or error)
+
+
+async def _done(flow: Flow, ctx: ProxyContext) -> None:
+    flow.ended = time.monotonic()
+    if ctx.chains.flow_done:
+        await call_chain_logged(ctx.chains.flow_done, flow=flow)
+    if log.isEnabledFor(logging.INFO):
+        target = flow.target.label if flow.target else "-"
+        outcome = f"{flow.status}" + (f" {flow.error.message}" if flow.error else "")
+        log.info("%s %s %s → %s %s %.0fms", flow.id, flow.frontend, flow.model or "-", target, outcome, (flow.ended - flow.started) * 1000)
+
+
+def _spawn(coro: Any) -> None:
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def _once(events: list[StreamEvent]) -> Any:
+    yield events
+
+
+def _apply(processors: list[Any], events: list[StreamEvent], start: int = 0) -> list[StreamEvent]:
+    for processor in processors[start:]:
+        out: list[StreamEvent] = []
+        for event in events:
+            result = processor(event)
+            if result is None:
+                continue
+            if result.__class__ is StreamEvent:
+                out.append(result)
+            else:
+                out.extend(result)
+        events = out
+    return events
+
+
+def _flush(processors: list[Any]) -> list[StreamEvent]:
+    """Ask each processor for what it held; what one releases passes through the rest."""
+    events: list[StreamEvent] = []
+    for i, processor in enumerate(processors):
+        events = _apply(processors[i:i + 1], events) if events else events
+        held = processor(None)
+        if held:
+            events.extend([held] if held.__class__ is StreamEvent else held)
+    return events
+
+
+class _Writer:
+    """Writes the client's answer once: JSON, or an SSE stream begun on first use."""
+
+    __slots__ = ("request", "codec", "flow", "response", "started")
+
+    def __init__(self, request: web.Request, codec: Codec, flow: Flow) -> None:
+        self.request = request
+        self.codec = codec
+        self.flow = flow
+        self.response: web.StreamResponse = web.Response(status=500)
+        self.started = False
+
+    async def json(self, body: bytes, status: int = 200, headers: dict[str, str] | None = None, raw: bool = False) -> None:
+        response = web.Response(body=body, status=status, content_type=JSON_TYPE, headers=headers)
+        # Sent now, so flow_done runs after the client has its answer.
+        await response.prepare(self.request)
+        await response.write_eof()
+        self.response = response
+        self.flow.status = status
+        self.flow.first_token_at = self.flow.first_token_at or time.monotonic()
+
+    async def error(self, error: ProxyError) -> None:
+        await self.json(dumps(self.codec.error_body(error)), status=error.status, headers=error.headers or None)
+
+    async def _begin(self) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        await response.prepare(self.request)
+        self.response = response
+        self.started = True
+        self.flow.status = 200
+        return response
+
+    async def stream_error(self, error: ProxyError) -> None:
+        try:
+            await self.response.write(self.codec.error_event(error))
+            await self.response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+
+    async def relay(self, upstream: UpstreamStream, processors: list[Any]) -> None:
+        flow = self.flow
+        if upstream.whole is not None:
+            codec = get_codec(upstream.protocol)
+            try:
+                response = codec.decode_response(loads(upstream.whole))
+            except ValueError:
+                raise ProxyError(502, "backend sent a body that is neither a stream nor JSON") from None
+            await self.stream_events(_once(response_events(response)), processors)
+            return
+        if upstream.batches is not None:
+            await self.stream_events(upstream.batches, processors)
+            return
+        assert upstream.chunks is not None
+        if not processors and upstream.protocol == self.codec.protocol:
+            await self._passthrough(upstream)
+            return
+        decoder = get_codec(upstream.protocol).stream_decoder()
+
+        async def batches() -> Any:
+            async for chunk in upstream.chunks:  # type: ignore[union-attr]
+                events = decoder.feed(chunk)
+                if events:
+                    yield events
+            tail = decoder.close()
+            if tail:
+                yield tail
+
+        await self.stream_events(batches(), processors)
+
+    async def _passthrough(self, upstream: UpstreamStream) -> None:
+        """Same protocol, nobody watching the events: forward whole frames as they arrive."""
+        flow = self.flow
+        response = await self._begin()
+        received: list[bytes] = []
+        pending = b""
+        protocol = upstream.protocol
+        async for chunk in upstream.chunks:  # type: ignore[union-attr]
+            received.append(chunk)
+            pending += chunk
+            end = complete_frames_end(pending)
+            if end:
+                if flow.first_token_at is None:
+                    flow.first_token_at = time.monotonic()
+                await response.write(pending[:end])
+                pending = pending[end:]
+        if pending.strip():
+            await response.write(pending if pending.endswith(b"\n\n") else pending + b"\n\n")
+        tail = b"".join(received[-2:])[-80:]
+        if not get_codec(protocol).stream_complete(tail):
+            _fold(protocol, received, flow.model)  # raises ProxyError when the stream was cut short
+        flow.set_lazy_response(lambda: _fold(protocol, received, flow.model))
+        await response.write_eof()
+
+    async def stream_events(self, batches: Any, processors: list[Any]) -> None:
+        flow = self.flow
+        response = self.response if self.started else await self._begin()
+        encoder = self.codec.stream_encoder(flow.request if flow.request_decoded else None, flow.model)
+        builder = ResponseBuilder(flow.model, protocol="")
+        ended = False
+        async for events in batches:
+            terminal = None
+            if events[-1].kind in _TERMINAL:
+                terminal = events.pop()
+            if processors:
+                events = _apply(processors, events)
+                if terminal is not None:
+                    events.extend(_flush(processors))
+                    events.extend(_apply(processors, [terminal]))
+            elif terminal is not None:
+                events.append(terminal)
+            for i, event in enumerate(events):
+                builder.add(event)
+                if event.kind in _TERMINAL:
+                    del events[i + 1 :]
+                    ended = True
+                    break
+            if events:
+                data = encoder.encode(events)
+                if data:
+                    if flow.first_token_at is None:
+                        flow.first_token_at = time.monotonic()
+                    await response.write(data)
+            if ended:
+                break
+        flow.response = builder.build()
+        if not ended:
+            raise ProxyError(502, "backend stream ended before the response was complete")
+        last = events[-1] if events else None
+        if last is not None and last.kind == EventKind.ERROR:
+            error = last.error if isinstance(last.error, ProxyError) else ProxyError(500, str(last.error))
+            flow.error = error
+        await response.write_eof()
+
+
+def _fold(protocol: str, chunks: list[bytes], model: str) -> Any:
+    decoder = get_codec(protocol).stream_decoder()
+    builder = ResponseBuilder(model, protocol=protocol)
+    for chunk in chunks:
+        for event in decoder.feed(chunk):
+            builder.add(event)
+    for event in decoder.close():
+        builder.add(event)
+    return builder.build()

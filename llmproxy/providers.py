@@ -1,0 +1,259 @@
+"""What a provider (backend type) implements, and a base class for HTTP providers.
+
+A provider plugin registers a :class:`Provider` subclass under a type name through the
+``register_providers`` hook. One instance exists per configured backend. It answers a flow
+for one :class:`~llmproxy.router.Target` either as a complete reply or as a stream — in its
+wire protocol (``protocol``, bytes the pipeline decodes with that protocol's codec only when
+it must) or directly as canonical objects (for providers that do not speak HTTP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar
+
+import aiohttp
+
+from .canonical import Response, StreamEvent
+from .codecs import get_codec
+from .codecs.base import dumps, loads
+from .config import BackendConfig
+from .errors import ProxyError
+from .flow import Attempt, Flow, UpstreamRequest
+from .manager import call_chain
+
+if TYPE_CHECKING:
+    from .context import ProxyContext
+    from .router import Target
+
+log = logging.getLogger("llmproxy.providers")
+
+
+@dataclass(slots=True)
+class UpstreamReply:
+    """A complete answer: wire ``body`` in ``protocol``, or an already canonical ``response``."""
+
+    protocol: str
+    body: bytes | None = None
+    response: Response | None = None
+
+
+class UpstreamStream:
+    """A streamed answer: wire ``chunks`` in ``protocol`` or canonical event ``batches``.
+
+    The pipeline iterates exactly one of them (or re-streams ``whole``) and always calls :meth:`close` (which must
+    release the connection at once: that is how a client disconnect cancels the upstream).
+    """
+
+    def __init__(
+        self,
+        protocol: str,
+        chunks: AsyncIterator[bytes] | None = None,
+        batches: AsyncIterator[list[StreamEvent]] | None = None,
+        on_close: Any = None,
+        whole: bytes | None = None,
+    ) -> None:
+        self.protocol = protocol
+        self.chunks = chunks
+        self.batches = batches
+        self.whole = whole  # the backend ignored "stream" and sent one complete body
+        self._on_close = on_close
+
+    async def close(self) -> None:
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            result = on_close()
+            if asyncio.iscoroutine(result):
+                await result
+
+
+class Provider:
+    """Base class of every backend type.
+
+    Subclasses set ``protocol`` (a codec name, or "canonical"), may narrow ``Settings``
+    (a :class:`~llmproxy.config.BackendConfig` subclass validating the backend's section),
+    and implement :meth:`complete` and :meth:`stream`.
+    """
+
+    protocol: ClassVar[str] = "canonical"
+    Settings: ClassVar[type[BackendConfig]] = BackendConfig
+    default_base_url: ClassVar[str | None] = None
+    default_models: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, name: str, settings: BackendConfig, context: "ProxyContext") -> None:
+        self.name = name
+        self.settings = settings
+        self.context = context
+
+    @property
+    def models(self) -> list[str]:
+        """Models this backend serves; empty means it passes any name through."""
+        return list(self.settings.models or self.default_models)
+
+    def accepts_model(self, model: str) -> bool:
+        return not self.settings.models or model in self.settings.models
+
+    async def start(self) -> None:
+        """Open connection pools; called once before the server accepts connections."""
+
+    async def close(self) -> None:
+        """Release connection pools; called once at shutdown."""
+
+    async def complete(self, flow: Flow, target: "Target") -> UpstreamReply:
+        raise NotImplementedError
+
+    async def stream(self, flow: Flow, target: "Target", passthrough: bool) -> UpstreamStream:
+        """Begin a stream. ``passthrough`` means the wire chunks go to the client as they are
+        (no decoding), so the request should not add anything the client did not ask for."""
+        raise NotImplementedError
+
+
+class HTTPProvider(Provider):
+    """A provider that POSTs JSON to ``base_url + path`` with one aiohttp session per backend."""
+
+    path: ClassVar[str] = ""
+
+    def __init__(self, name: str, settings: BackendConfig, context: "ProxyContext") -> None:
+        super().__init__(name, settings, context)
+        self.session: aiohttp.ClientSession | None = None
+        self._key_index = 0
+        self.base_url = (settings.base_url or self.default_base_url or "").rstrip("/")
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.settings.timeout.connect, sock_read=self.settings.timeout.read
+        )
+        connector = aiohttp.TCPConnector(limit=self.settings.max_connections, ttl_dns_cache=300)
+        # auto_decompress stays on; we never forward the backend's content-encoding header.
+        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, json_serialize=lambda o: dumps(o).decode())
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    # -- what subclasses adapt -------------------------------------------------------------
+    def api_key(self) -> tuple[str | None, str | None]:
+        """(key, key name for logs) — the first configured key that resolves."""
+        keys = self.settings.api_keys
+        if not keys:
+            return None, None
+        for offset in range(len(keys)):
+            index = (self._key_index + offset) % len(keys)
+            value = keys[index].get()
+            if value:
+                return value, f"{self.name}#{index}"
+        raise ProxyError(
+            500,
+            f"backend {self.name!r} has no usable API key: set {', '.join(k.describe() for k in keys)}",
+            kind="configuration_error",
+        )
+
+    def headers(self, key: str | None) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        headers.update(self.settings.headers)
+        return headers
+
+    def url(self, target: "Target", stream: bool) -> str:
+        return self.base_url + self.path
+
+    def body(self, flow: Flow, target: "Target", stream: bool, passthrough: bool) -> dict[str, Any]:
+        """The wire body: the client's own body when it speaks our protocol and nothing
+        read the canonical request (so every unknown field passes untouched)."""
+        if flow.frontend == self.protocol and not flow.request_decoded:
+            body = dict(flow.raw_request)
+            body["model"] = target.model
+            return body
+        request = flow.request
+        request.stream = stream
+        return get_codec(self.protocol).encode_request(request, target.model)
+
+    def error_message(self, status: int, payload: bytes) -> str:
+        """The backend's own error message, for the client's error."""
+        try:
+            data = loads(payload)
+        except ValueError:
+            text = payload.decode(errors="replace").strip()
+            return text[:500] or f"HTTP {status}"
+        if isinstance(data, dict):
+            err = data.get("error", data)
+            if isinstance(err, dict):
+                return str(err.get("message") or err)[:2000]
+            return str(err)[:2000]
+        return str(data)[:2000]
+
+    # -- the exchange ----------------------------------------------------------------------
+    async def _send(self, flow: Flow, target: "Target", stream: bool, passthrough: bool) -> aiohttp.ClientResponse:
+        assert self.session is not None, "provider not started"
+        key, key_name = self.api_key()
+        upstream = UpstreamRequest("POST", self.url(target, stream), self.headers(key), self.body(flow, target, stream, passthrough))
+        chain = self.context.chains.upstream_request
+        if chain:
+            await call_chain(chain, flow=flow, upstream=upstream)
+        attempt = Attempt(backend=self.name, model=target.model, key_name=key_name)
+        flow.attempts.append(attempt)
+        try:
+            response = await self.session.request(upstream.method, upstream.url, headers=upstream.headers, data=dumps(upstream.body))
+        except asyncio.TimeoutError:
+            attempt.error = "timeout"
+            raise ProxyError(504, f"backend {self.name!r} did not answer in time", kind="timeout_error") from None
+        except aiohttp.ClientError as error:
+            attempt.error = type(error).__name__
+            raise ProxyError(502, f"backend {self.name!r} is unreachable: {type(error).__name__}", kind="upstream_unreachable") from None
+        attempt.status = response.status
+        if response.status >= 400:
+            try:
+                payload = await response.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                payload = b""
+            finally:
+                response.release()
+            attempt.error = f"HTTP {response.status}"
+            headers = {"Retry-After": response.headers["Retry-After"]} if "Retry-After" in response.headers else None
+            raise ProxyError(response.status, self.error_message(response.status, payload), kind=_kind_for(response.status), headers=headers)
+        return response
+
+    async def complete(self, flow: Flow, target: "Target") -> UpstreamReply:
+        response = await self._send(flow, target, False, False)
+        try:
+            body = await response.read()
+        except asyncio.TimeoutError:
+            raise ProxyError(504, f"backend {self.name!r} stopped answering", kind="timeout_error") from None
+        except aiohttp.ClientError as error:
+            raise ProxyError(502, f"backend {self.name!r} broke off its answer: {type(error).__name__}") from None
+        finally:
+            response.release()
+        return UpstreamReply(self.protocol, body=body)
+
+    async def stream(self, flow: Flow, target: "Target", passthrough: bool) -> UpstreamStream:
+        response = await self._send(flow, target, True, passthrough)
+        content_type = response.headers.get("content-type", "")
+        if "json" in content_type and "event-stream" not in content_type:
+            # Some servers ignore stream: true; the pipeline re-streams the full answer.
+            try:
+                body = await response.read()
+            finally:
+                response.release()
+            return UpstreamStream(self.protocol, whole=body)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.content.iter_any():
+                    yield chunk
+            except asyncio.TimeoutError:
+                raise ProxyError(504, f"backend {self.name!r} went silent mid-stream", kind="timeout_error") from None
+            except aiohttp.ClientError as error:
+                raise ProxyError(502, f"backend {self.name!r} broke off the stream: {type(error).__name__}") from None
+
+        # close(), not release(): dropping the connection is what tells the backend to stop.
+        return UpstreamStream(self.protocol, chunks=chunks(), on_close=response.close)
+
+
+def _kind_for(status: int) -> str:
+    from .errors import KIND_BY_STATUS
+
+    return KIND_BY_STATUS.get(status, "upstream_error")
