@@ -91,6 +91,10 @@ async def handle(request: web.Request, codec: Codec) -> web.StreamResponse:
         flow.status = flow.status or 499
         _spawn(_done(flow, ctx))
         raise
+    except ConnectionError:
+        # A write found the client gone before the cancellation did.
+        flow.error = ProxyError(499, "client disconnected")
+        flow.status = flow.status or 499
     except Exception as error:
         plugin = getattr(error, "llmproxy_plugin", None)
         log.exception("flow %s failed%s", flow.id, f" in plugin {plugin}" if plugin else "")
@@ -105,7 +109,7 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "_Writer") -> None:
     if chains.request:
         await call_chain(chains.request, stop=lambda: flow.has_response, flow=flow)
     if flow.stream:
-        processors = [p for p in (impl.function(flow) for impl in chains.stream_start) if p is not None] if chains.stream_start else []
+        processors = _stream_processors(flow, ctx) if chains.stream_start else []
         if flow.has_response:
             await writer.stream_events(_once(response_events(flow.response)), processors)  # type: ignore[arg-type]
             return
@@ -133,6 +137,19 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "_Writer") -> None:
     if chains.response:
         await call_chain(chains.response, flow=flow)
     await writer.json(dumps(writer.codec.encode_response(flow.response, flow.request if flow.request_decoded else None)))  # type: ignore[arg-type]
+
+
+def _stream_processors(flow: Flow, ctx: ProxyContext) -> list[tuple[str, Any]]:
+    processors = []
+    for impl in ctx.chains.stream_start:
+        try:
+            processor = impl.function(*[flow for _ in impl.argnames])
+        except Exception as error:
+            error.llmproxy_plugin = impl.plugin  # type: ignore[attr-defined]
+            raise
+        if processor is not None:
+            processors.append((impl.plugin, processor))
+    return processors
 
 
 async def _dispatch(flow: Flow, ctx: ProxyContext, processors: list[Any] | None) -> Any:
@@ -186,27 +203,36 @@ async def _once(events: list[StreamEvent]) -> Any:
     yield events
 
 
-def _apply(processors: list[Any], events: list[StreamEvent], start: int = 0) -> list[StreamEvent]:
-    for processor in processors[start:]:
+def _apply(processors: list[tuple[str, Any]], events: list[StreamEvent]) -> list[StreamEvent]:
+    for name, processor in processors:
         out: list[StreamEvent] = []
-        for event in events:
-            result = processor(event)
-            if result is None:
-                continue
-            if result.__class__ is StreamEvent:
-                out.append(result)
-            else:
-                out.extend(result)
+        try:
+            for event in events:
+                result = processor(event)
+                if result is None:
+                    continue
+                if result.__class__ is StreamEvent:
+                    out.append(result)
+                else:
+                    out.extend(result)
+        except Exception as error:
+            error.llmproxy_plugin = name  # type: ignore[attr-defined]
+            raise
         events = out
     return events
 
 
-def _flush(processors: list[Any]) -> list[StreamEvent]:
+def _flush(processors: list[tuple[str, Any]]) -> list[StreamEvent]:
     """Ask each processor for what it held; what one releases passes through the rest."""
     events: list[StreamEvent] = []
-    for i, processor in enumerate(processors):
-        events = _apply(processors[i:i + 1], events) if events else events
-        held = processor(None)
+    for i, (name, processor) in enumerate(processors):
+        if events:
+            events = _apply(processors[i : i + 1], events)
+        try:
+            held = processor(None)
+        except Exception as error:
+            error.llmproxy_plugin = name  # type: ignore[attr-defined]
+            raise
         if held:
             events.extend([held] if held.__class__ is StreamEvent else held)
     return events
@@ -311,38 +337,41 @@ class _Writer:
         encoder = self.codec.stream_encoder(flow.request if flow.request_decoded else None, flow.model)
         builder = ResponseBuilder(flow.model, protocol="")
         ended = False
-        async for events in batches:
-            terminal = None
-            if events[-1].kind in _TERMINAL:
-                terminal = events.pop()
-            if processors:
-                events = _apply(processors, events)
-                if terminal is not None:
-                    events.extend(_flush(processors))
-                    events.extend(_apply(processors, [terminal]))
-            elif terminal is not None:
-                events.append(terminal)
-            for i, event in enumerate(events):
-                builder.add(event)
-                if event.kind in _TERMINAL:
-                    del events[i + 1 :]
-                    ended = True
+        try:
+            async for events in batches:
+                if not events:
+                    continue
+                terminal = None
+                if events[-1].kind in _TERMINAL:
+                    terminal = events.pop()
+                if processors:
+                    events = _apply(processors, events)
+                    if terminal is not None:
+                        events.extend(_flush(processors))
+                        events.extend(_apply(processors, [terminal]))
+                elif terminal is not None:
+                    events.append(terminal)
+                for i, event in enumerate(events):
+                    builder.add(event)
+                    if event.kind in _TERMINAL:
+                        del events[i + 1 :]
+                        ended = True
+                        break
+                if events:
+                    data = encoder.encode(events)
+                    if data:
+                        if flow.first_token_at is None:
+                            flow.first_token_at = time.monotonic()
+                        await response.write(data)
+                if ended:
+                    last = events[-1]
+                    if last.kind == EventKind.ERROR:
+                        flow.error = last.error if isinstance(last.error, ProxyError) else ProxyError(500, str(last.error))
                     break
-            if events:
-                data = encoder.encode(events)
-                if data:
-                    if flow.first_token_at is None:
-                        flow.first_token_at = time.monotonic()
-                    await response.write(data)
-            if ended:
-                break
-        flow.response = builder.build()
+        finally:
+            flow.response = builder.build()
         if not ended:
             raise ProxyError(502, "backend stream ended before the response was complete")
-        last = events[-1] if events else None
-        if last is not None and last.kind == EventKind.ERROR:
-            error = last.error if isinstance(last.error, ProxyError) else ProxyError(500, str(last.error))
-            flow.error = error
         await response.write_eof()
 
 
