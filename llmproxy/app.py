@@ -17,29 +17,12 @@ from .config import Config, ConfigError
 from .context import CONTEXT, ProxyContext
 from .errors import ProxyError
 from .manager import PluginHost
-from .pipeline import authenticate, handle
+from . import endpoints
+from .frontends import add_routes
 
 log = logging.getLogger("llmproxy")
 
 OPENAI_CHAT = get_codec("openai_chat")
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await handle(request, OPENAI_CHAT)
-
-
-async def list_models(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[CONTEXT]
-    try:
-        authenticate(request, ctx)
-    except ProxyError as error:
-        return _error(error)
-    data = []
-    for name in ctx.router.known_models():
-        backend, sep, _ = name.partition(":")
-        owner = backend if sep and backend in ctx.providers else ("llmproxy" if name in ctx.config.models else ctx.config.default_backend)
-        data.append({"id": name, "object": "model", "created": 0, "owned_by": owner})
-    return web.Response(body=dumps({"object": "list", "data": data}), content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -48,7 +31,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def root(request: web.Request) -> web.Response:
     # Claude Code sends HEAD / as a connectivity check before its first request.
-    body = {"name": "llmproxy", "version": __version__, "endpoints": ["/v1/chat/completions", "/v1/models", "/healthz"]}
+    body = {"name": "llmproxy", "version": __version__,
+            "endpoints": ["/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1beta/models/{model}:generateContent", "/v1/models", "/healthz"]}
     return web.Response(body=dumps(body), content_type="application/json")
 
 
@@ -72,9 +56,8 @@ def create_app(ctx: ProxyContext) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     routes = app.router
-    for prefix in ("/v1", ""):
-        routes.add_post(prefix + "/chat/completions", chat_completions)
-        routes.add_get(prefix + "/models", list_models)
+    add_routes(app)
+    endpoints.add_routes(app)
     routes.add_get("/healthz", healthz)
     routes.add_get("/", root)  # also answers HEAD
     routes.add_route("*", "/{tail:.*}", not_found)
@@ -110,6 +93,8 @@ async def serve(config: Config, host: PluginHost, ready: Callable[[str], None] |
     started = time.perf_counter()
     check_bind(config)
     ctx = ProxyContext(config, host)
+    if not ctx.providers:
+        log.warning("no backends are configured: every model request will be answered 404 (add backends: in %s)", config.source)
     app = create_app(ctx)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=config.proxy.drain_timeout)
     await runner.setup()
@@ -134,5 +119,22 @@ async def serve(config: Config, host: PluginHost, ready: Callable[[str], None] |
         ready(url)
     await stop.wait()
     log.info("shutting down: draining in-flight requests (up to %.0fs)", config.proxy.drain_timeout)
+    await drain(runner, ctx, config.proxy.drain_timeout)
     await runner.cleanup()
     log.info("stopped")
+
+
+async def drain(runner: web.AppRunner, ctx: ProxyContext, timeout: float) -> None:
+    """Stop accepting connections, give in-flight requests ``timeout`` seconds, then cancel
+    the rest (which closes their upstreams). aiohttp's own shutdown would wait ``timeout``
+    twice over (once for handlers to finish, once more after asking them to stop)."""
+    for site in list(runner.sites):
+        await site.stop()
+    if not ctx.inflight:
+        return
+    _, late = await asyncio.wait(set(ctx.inflight), timeout=timeout)
+    if late:
+        log.warning("%d request(s) still running after %.0fs; cancelling them", len(late), timeout)
+        for task in late:
+            task.cancel()
+        await asyncio.wait(late, timeout=1.0)

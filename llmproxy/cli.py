@@ -43,7 +43,7 @@ def main(ctx: click.Context, config_path: str | None, host: str | None, port: in
 
     With no sub-command, serve.
     """
-    ctx.obj = {"config_path": config_path}
+    ctx.obj = {"config_path": config_path, "host": host, "port": port, "log_level": log_level}
     if ctx.invoked_subcommand is None:
         serve_command(config_path, host, port, log_level)
 
@@ -85,7 +85,7 @@ def _run(coro: Any) -> None:
 @click.pass_context
 def serve_cmd(ctx: click.Context) -> None:
     """Serve (the same as running llmproxy with no sub-command)."""
-    serve_command(ctx.obj["config_path"], None, None, None)
+    serve_command(ctx.obj["config_path"], ctx.obj["host"], ctx.obj["port"], ctx.obj["log_level"])
 
 
 @main.group("config")

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SECRET_KEYS = frozenset(("api_keys", "key"))
 
 
@@ -41,7 +42,7 @@ class SecretRef:
         match = _ENV_PATTERN.fullmatch(ref)
         if match and match.group(2) is None:
             self.kind, self.name = "env", match.group(1)
-        elif ref.startswith("env:") and len(ref) > 4:
+        elif ref.startswith("env:") and _ENV_NAME.fullmatch(ref[4:]):
             self.kind, self.name = "env", ref[4:]
         elif ref.startswith("keyring:") and "/" in ref[8:]:
             self.kind, self.name = "keyring", ref[8:]
@@ -170,6 +171,15 @@ class PluginsSection(BaseModel):
     load: list[str] = Field(default_factory=list, description="Python modules to load as plugins.")
 
 
+class ReferenceProblems(ValueError):
+    """Cross-references that do not resolve, each as (key path, what is wrong), so they are
+    reported at their own path (and line) rather than at the top level."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{path}: {message}" for path, message in problems))
+
+
 class Config(_Strict):
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
@@ -178,27 +188,44 @@ class Config(_Strict):
     models: dict[str, ModelAlias] = Field(default_factory=dict)
     plugins: PluginsSection = Field(default_factory=PluginsSection)
 
-    source: str = Field("<defaults>", exclude=True, description="Where this config came from.")
+    # Private, so that neither is a key the file could set.
+    _source: str = PrivateAttr("<defaults>")
+    _lines: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        """Where this config came from (a file name, or a description)."""
+        return self._source
+
+    @property
+    def lines(self) -> dict[str, int]:
+        """Key path → line in the file this config was read from (empty for other sources)."""
+        return self._lines
+
+    def where(self, path: str) -> str:
+        """``"line N: "`` for a key path of the file this config was read from, else ``""``."""
+        line = self._lines.get(path)
+        return f"line {line}: " if line else ""
 
     @model_validator(mode="after")
     def _references(self) -> "Config":
-        problems = []
+        problems: list[tuple[str, str]] = []
         for name, section in self.backends.items():
             if not isinstance(section, dict) or "type" not in section:
-                problems.append(f"backends.{name}.type: every backend needs a type")
+                problems.append((f"backends.{name}.type", "every backend needs a type"))
             if ":" in name:
-                problems.append(f"backends.{name}: backend names cannot contain ':'")
+                problems.append((f"backends.{name}", "backend names cannot contain ':'"))
         if self.default_backend is not None and self.default_backend not in self.backends:
-            problems.append(f"default_backend: {self.default_backend!r} is not one of backends ({', '.join(self.backends) or 'none'})")
+            problems.append(("default_backend", f"{self.default_backend!r} is not one of backends ({', '.join(self.backends) or 'none'})"))
         for alias, spec in self.models.items():
             for i, target in enumerate(spec.targets):
                 backend, sep, model = target.target.partition(":")
                 if not sep or not model:
-                    problems.append(f"models.{alias}.targets[{i}]: {target.target!r} must be written backend:model")
+                    problems.append((f"models.{alias}.targets[{i}]", f"{target.target!r} must be written backend:model"))
                 elif backend not in self.backends:
-                    problems.append(f"models.{alias}.targets[{i}]: no backend named {backend!r}")
+                    problems.append((f"models.{alias}.targets[{i}]", f"no backend named {backend!r} (backends: {', '.join(self.backends) or 'none'})"))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ReferenceProblems(problems)
         return self
 
     def plugin_section(self, name: str) -> dict[str, Any]:
@@ -218,24 +245,29 @@ def interpolate(value: Any, path: str = "", missing: list[str] | None = None) ->
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
             found = os.environ.get(name)
+            if not found and default is not None:  # as in the shell: unset or empty
+                return default
             if found is None:
-                if default is not None:
-                    return default
                 if missing is not None:
                     missing.append(f"{path}: environment variable {name} is not set")
                 return ""
             return found
 
-        result = _ENV_PATTERN.sub(substitute, value)
-        if result.isdigit():  # "${PORT}" should still validate as an int
-            return int(result)
-        return result
+        # Always a string: pydantic turns "8000" into 8000 where a number is wanted, while
+        # a header or model name made only of digits must stay text.
+        return _ENV_PATTERN.sub(substitute, value)
     return value
 
 
 def format_validation_error(error: ValidationError, prefix: str = "", lines: dict[str, int] | None = None) -> list[str]:
     problems = []
     for item in error.errors():
+        cause = item.get("ctx", {}).get("error")
+        if isinstance(cause, ReferenceProblems):
+            for path, message in cause.problems:
+                line = (lines or {}).get(path)
+                problems.append(f"{f'line {line}: ' if line else ''}{path}: {message}")
+            continue
         parts = [prefix] if prefix else []
         for loc in item["loc"]:
             if isinstance(loc, int):
@@ -283,16 +315,24 @@ def parse_config(data: Any, source: str = "<config>", text: str | None = None) -
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["the top level must be a mapping (proxy:, backends:, ...)"], source)
+    lines = _line_map(text) if text else {}
     missing: list[str] = []
     data = interpolate(data, missing=missing)
     if missing:
-        raise ConfigError(missing, source)
+        raise ConfigError([_at_line(problem, lines) for problem in missing], source)
     try:
         config = Config.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, lines=_line_map(text) if text else None), source) from None
-    config.source = source
+        raise ConfigError(format_validation_error(error, lines=lines), source) from None
+    config._source = source
+    config._lines = lines
     return config
+
+
+def _at_line(problem: str, lines: dict[str, int]) -> str:
+    """Prefix ``"path: message"`` with the path's line, when known."""
+    line = lines.get(problem.partition(":")[0])
+    return f"line {line}: {problem}" if line else problem
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

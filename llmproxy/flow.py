@@ -117,7 +117,9 @@ class Flow:
     @property
     def request(self) -> Request:
         if self._request is None:
-            assert self._request_decoder is not None, "flow has no request"
+            if self._request_decoder is None:
+                # embeddings, legacy completions, images: forwarded as they are
+                raise ProxyError(400, f"{self.frontend} requests have no canonical chat request", code="not_a_chat_request")
             self._request = self._request_decoder(self.raw_request)
             self._request.model = self.model
         return self._request
@@ -151,6 +153,11 @@ class Flow:
     def set_lazy_response(self, decoder: Callable[[], Response]) -> None:
         self._response = None
         self._response_decoder = decoder
+
+    @property
+    def response_pending(self) -> bool:
+        """True while a backend's answer waits undecoded (nobody has read ``flow.response``)."""
+        return self._response_decoder is not None
 
     @property
     def has_response(self) -> bool:

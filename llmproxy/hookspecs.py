@@ -6,7 +6,8 @@ and third-party packages alike) or named in the config under ``plugins.load``. I
 the hooks you need, with only the arguments you need: pluggy passes arguments by name.
 
 Order. Within a chain, implementations marked ``tryfirst=True`` run first and
-``trylast=True`` last; otherwise plugins registered later run earlier (pluggy's rule).
+``trylast=True`` last. Among the tryfirst ones and among the unmarked ones, plugins
+registered later run earlier; among the trylast ones, later run later (pluggy's rule).
 ``llmproxy plugins`` prints every chain in the order it runs.
 
 Async. Hooks marked *may be async* accept implementations that return an awaitable (write

@@ -136,33 +136,37 @@ class PluginHost:
         for name in config.plugins.model_extra or {}:
             section = config.plugins.model_extra[name]
             if name not in self.plugins:
-                problems.append(f"plugins.{name}: no plugin named {name!r} is installed (loaded: {', '.join(sorted(self.plugins))})")
+                problems.append(f"{config.where('plugins.' + name)}plugins.{name}: no plugin named {name!r} is installed (loaded: {', '.join(sorted(self.plugins))})")
                 continue
             if not isinstance(section, dict):
-                problems.append(f"plugins.{name}: must be a mapping of settings")
+                problems.append(f"{config.where('plugins.' + name)}plugins.{name}: must be a mapping of settings")
+            elif not isinstance(section.get("enabled", True), bool):
+                # anything but false leaves the plugin on: say so rather than guess
+                problems.append(f"{config.where(f'plugins.{name}.enabled')}plugins.{name}.enabled: must be true or false")
         for info in self.plugins.values():
             if info.obj is None:
                 continue
             section = {k: v for k, v in config.plugin_section(info.name).items() if k != "enabled"}
             if info.settings_model is None:
                 if section:
-                    problems.append(f"plugins.{info.name}: this plugin takes no settings (only enabled: true/false)")
+                    problems.append(f"{config.where('plugins.' + info.name)}plugins.{info.name}: this plugin takes no settings (only enabled: true/false)")
                 continue
             try:
                 info.settings = info.settings_model.model_validate(section)
             except ValidationError as error:
-                problems.extend(format_validation_error(error, f"plugins.{info.name}"))
+                problems.extend(format_validation_error(error, f"plugins.{info.name}", config.lines))
         for backend, section in config.backends.items():
             cls = self.provider_types.get(section.get("type", ""))
             if cls is None:
+                where = config.where(f"backends.{backend}.type")
                 problems.append(
-                    f"backends.{backend}.type: unknown provider type {section.get('type')!r} (available: {', '.join(sorted(self.provider_types))})"
+                    f"{where}backends.{backend}.type: unknown provider type {section.get('type')!r} (available: {', '.join(sorted(self.provider_types))})"
                 )
                 continue
             try:
                 cls.Settings.model_validate(section)
             except ValidationError as error:
-                problems.extend(format_validation_error(error, f"backends.{backend}"))
+                problems.extend(format_validation_error(error, f"backends.{backend}", config.lines))
         if problems:
             raise ConfigError(problems, config.source)
 

@@ -59,8 +59,9 @@ def authenticate(request: web.Request, ctx: ProxyContext) -> ClientInfo:
 async def read_json(request: web.Request) -> dict[str, Any]:
     try:
         raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as error:
-        raise ProxyError(413, f"request body is larger than the limit of {error.max_size} bytes (proxy.max_body_bytes)") from None
+    except web.HTTPRequestEntityTooLarge:
+        # aiohttp's exception does not keep the limit; the request does.
+        raise ProxyError(413, f"request body is larger than the limit of {request.client_max_size} bytes (proxy.max_body_bytes)") from None
     if not raw:
         raise ProxyError(400, "request body is empty; expected a JSON object")
     try:
@@ -72,14 +73,21 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def handle(request: web.Request, codec: Codec) -> web.StreamResponse:
-    """Serve one client call in ``codec``'s protocol."""
+async def handle(request: web.Request, codec: Codec, inject: dict[str, Any] | None = None) -> web.StreamResponse:
+    """Serve one client call in ``codec``'s protocol. ``inject`` adds fields the protocol
+    carries outside the body (Gemini's model and stream flag are in the URL)."""
     ctx = request.app[CONTEXT]
+    task = asyncio.current_task()
+    if task is not None:  # aiohttp runs each request in its own task; shutdown drains them
+        ctx.inflight.add(task)
+        task.add_done_callback(ctx.inflight.discard)
     flow = Flow(codec.protocol, {}, "", False, request_decoder=codec.decode_request)
     writer = _Writer(request, codec, flow)
     try:
         flow.client = authenticate(request, ctx)
         flow.raw_request = await read_json(request)
+        if inject:
+            flow.raw_request.update(inject)
         flow.model, flow.stream = codec.peek(flow.raw_request)
         await _run(flow, ctx, writer)
     except ProxyError as error:
@@ -119,24 +127,32 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "_Writer") -> None:
         finally:
             await upstream.close()
         return
+    raw: bytes | None = None
     if not flow.has_response:
         reply = await _dispatch(flow, ctx, None)
         if reply.response is not None:
             flow.response = reply.response
         else:
-            upstream_codec = get_codec(reply.protocol)
+            raw = reply.body or b""
             try:
-                data = loads(reply.body or b"")
+                data = loads(raw)
             except ValueError:
                 raise ProxyError(502, f"backend {flow.target.backend!r} sent a body that is not JSON") from None  # type: ignore[union-attr]
-            if reply.protocol == flow.frontend and not chains.response:
+            upstream_codec = get_codec(reply.protocol)
+            if reply.protocol == flow.frontend:
+                # Decoded only if a hook reads it: an answer nobody looked at goes out
+                # exactly as the backend sent it.
                 flow.set_lazy_response(lambda: upstream_codec.decode_response(data))
-                await writer.json(reply.body or b"", raw=True)
-                return
-            flow.response = upstream_codec.decode_response(data)
+            else:
+                flow.response = upstream_codec.decode_response(data)
     if chains.response:
         await call_chain(chains.response, flow=flow)
-    await writer.json(dumps(writer.codec.encode_response(flow.response, flow.request if flow.request_decoded else None)))  # type: ignore[arg-type]
+    if flow.response_pending and raw is not None:
+        await writer.json(raw, raw=True)
+        return
+    if flow.response is None:
+        raise ProxyError(502, "the backend's answer could not be read in its own protocol")
+    await writer.json(dumps(writer.codec.encode_response(flow.response, flow.request if flow.request_decoded else None)))
 
 
 def _stream_processors(flow: Flow, ctx: ProxyContext) -> list[tuple[str, Any]]:
@@ -171,16 +187,25 @@ async def _dispatch(flow: Flow, ctx: ProxyContext, processors: list[Any] | None)
 
 
 async def _fail(flow: Flow, ctx: ProxyContext, writer: "_Writer", error: ProxyError) -> None:
+    # A response already on the flow (say, a backend answer a response hook refused) is not
+    # an answer from an error hook; a different one, or a cleared error, is.
+    refused = None if writer.started else flow.response
     flow.error = error
     if ctx.chains.error:
         await call_chain_logged(ctx.chains.error, flow=flow)
     if writer.started:
+        flow.error = flow.error or error
         await writer.stream_error(flow.error)
-    elif flow.error is None and flow.has_response:
-        # an error hook answered instead
-        await writer.json(dumps(writer.codec.encode_response(flow.response, None)))  # type: ignore[arg-type]
+    elif flow.has_response and (flow.error is None or flow.response is not refused):
+        # an error hook answered instead, in the form the client asked for
+        flow.error = None
+        if flow.stream:
+            await writer.stream_events(_once(response_events(flow.response)), [])  # type: ignore[arg-type]
+        else:
+            await writer.json(dumps(writer.codec.encode_response(flow.response, None)))  # type: ignore[arg-type]
     else:
-        await writer.error(flow.error or error)
+        flow.error = flow.error or error
+        await writer.error(flow.error)
 
 
 async def _done(flow: Flow, ctx: ProxyContext) -> None:
@@ -241,7 +266,7 @@ def _flush(processors: list[tuple[str, Any]]) -> list[StreamEvent]:
 class _Writer:
     """Writes the client's answer once: JSON, or an SSE stream begun on first use."""
 
-    __slots__ = ("request", "codec", "flow", "response", "started")
+    __slots__ = ("request", "codec", "flow", "response", "started", "encoder")
 
     def __init__(self, request: web.Request, codec: Codec, flow: Flow) -> None:
         self.request = request
@@ -249,6 +274,7 @@ class _Writer:
         self.flow = flow
         self.response: web.StreamResponse = web.Response(status=500)
         self.started = False
+        self.encoder: Any = None  # set once a stream is re-encoded; it knows the framing state
 
     async def json(self, body: bytes, status: int = 200, headers: dict[str, str] | None = None, raw: bool = False) -> None:
         response = web.Response(body=body, status=status, content_type=JSON_TYPE, headers=headers)
@@ -271,8 +297,12 @@ class _Writer:
         return response
 
     async def stream_error(self, error: ProxyError) -> None:
+        if self.encoder is not None:
+            data = self.encoder.encode([StreamEvent(EventKind.ERROR, error=error)])
+        else:
+            data = self.codec.error_event(error)
         try:
-            await self.response.write(self.codec.error_event(error))
+            await self.response.write(data)
             await self.response.write_eof()
         except (ConnectionError, RuntimeError):
             pass
@@ -333,8 +363,10 @@ class _Writer:
 
     async def stream_events(self, batches: Any, processors: list[Any]) -> None:
         flow = self.flow
+        # The encoder writes what the client asked for (include_usage, echoed fields); it
+        # reads them from the flow without forcing the request to be decoded.
+        encoder = self.encoder = self.codec.stream_encoder(flow)
         response = self.response if self.started else await self._begin()
-        encoder = self.codec.stream_encoder(flow.request if flow.request_decoded else None, flow.model)
         builder = ResponseBuilder(flow.model, protocol="")
         ended = False
         try:

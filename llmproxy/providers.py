@@ -31,6 +31,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmproxy.providers")
 
 
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can serve; routing uses it to skip targets that cannot."""
+
+    tools: bool = True
+    streaming: bool = True
+    vision: bool = True
+    reasoning: bool = False
+    json_schema: bool = True
+    max_context: int | None = None
+
+
 @dataclass(slots=True)
 class UpstreamReply:
     """A complete answer: wire ``body`` in ``protocol``, or an already canonical ``response``."""
@@ -81,6 +93,9 @@ class Provider:
     Settings: ClassVar[type[BackendConfig]] = BackendConfig
     default_base_url: ClassVar[str | None] = None
     default_models: ClassVar[tuple[str, ...]] = ()
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    # Non-chat endpoints this backend serves as they are (path under base_url).
+    endpoints: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, name: str, settings: BackendConfig, context: "ProxyContext") -> None:
         self.name = name
@@ -108,6 +123,21 @@ class Provider:
         """Begin a stream. ``passthrough`` means the wire chunks go to the client as they are
         (no decoding), so the request should not add anything the client did not ask for."""
         raise NotImplementedError
+
+    async def forward(self, flow: Flow, target: "Target", endpoint: str, stream: bool) -> "UpstreamReply | UpstreamStream":
+        """Serve a non-chat OpenAI endpoint (``embeddings``, ``completions``,
+        ``images/generations``) with the client's body in ``flow.raw_request``."""
+        raise ProxyError(
+            400,
+            f"backend {self.name!r} (type {type(self).__name__}) does not serve /v1/{endpoint}; "
+            "route this model to an OpenAI-compatible backend",
+            code="unsupported_endpoint",
+        )
+
+    async def count_tokens(self, flow: Flow, target: "Target") -> int | None:
+        """The backend's own count of the request's input tokens, or None when it has no
+        counting endpoint (llmproxy then counts locally)."""
+        return None
 
 
 class HTTPProvider(Provider):
@@ -151,7 +181,7 @@ class HTTPProvider(Provider):
             kind="configuration_error",
         )
 
-    def headers(self, key: str | None) -> dict[str, str]:
+    def headers(self, key: str | None, flow: Flow) -> dict[str, str]:
         headers = {"content-type": "application/json"}
         if key:
             headers["authorization"] = f"Bearer {key}"
@@ -186,11 +216,37 @@ class HTTPProvider(Provider):
             return str(err)[:2000]
         return str(data)[:2000]
 
+    def upstream_error(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> ProxyError:
+        """The backend's error as the client's: its status and message, and its error
+        ``code`` when it has one (clients act on codes like ``context_length_exceeded``)."""
+        code = None
+        try:
+            data = loads(payload)
+            err = data.get("error") if isinstance(data, dict) else None
+            if isinstance(err, dict) and isinstance(err.get("code"), str):
+                code = err["code"]
+        except ValueError:
+            pass
+        return ProxyError(status, self.redact(self.error_message(status, payload)), kind=_kind_for(status), code=code, headers=headers)
+
+    def redact(self, text: str) -> str:
+        """``text`` with this backend's keys blanked out: some servers echo the credential
+        they were sent in their error messages, which go to the client and the log."""
+        for ref in self.settings.api_keys:
+            value = ref.get()
+            if value and value in text:
+                text = text.replace(value, "[backend key]")
+        return text
+
     # -- the exchange ----------------------------------------------------------------------
-    async def _send(self, flow: Flow, target: "Target", stream: bool, passthrough: bool) -> aiohttp.ClientResponse:
+    async def _send(
+        self, flow: Flow, target: "Target", stream: bool, passthrough: bool, url: str | None = None, body: dict[str, Any] | None = None
+    ) -> aiohttp.ClientResponse:
         assert self.session is not None, "provider not started"
         key, key_name = self.api_key()
-        upstream = UpstreamRequest("POST", self.url(target, stream), self.headers(key), self.body(flow, target, stream, passthrough))
+        if body is None:
+            body = self.body(flow, target, stream, passthrough)
+        upstream = UpstreamRequest("POST", url or self.url(target, stream), self.headers(key, flow), body)
         chain = self.context.chains.upstream_request
         if chain:
             await call_chain(chain, flow=flow, upstream=upstream)
@@ -214,11 +270,36 @@ class HTTPProvider(Provider):
                 response.release()
             attempt.error = f"HTTP {response.status}"
             headers = {"Retry-After": response.headers["Retry-After"]} if "Retry-After" in response.headers else None
-            raise ProxyError(response.status, self.error_message(response.status, payload), kind=_kind_for(response.status), headers=headers)
+            raise self.upstream_error(response.status, payload, headers)
         return response
 
+    async def post_json(self, url: str, headers: dict[str, str], body: dict[str, Any]) -> Any:
+        """POST outside a flow's attempts (token counts, model lists); errors as ProxyError."""
+        assert self.session is not None, "provider not started"
+        try:
+            async with self.session.post(url, headers=headers, data=dumps(body)) as response:
+                payload = await response.read()
+                if response.status >= 400:
+                    raise self.upstream_error(response.status, payload)
+        except asyncio.TimeoutError:
+            raise ProxyError(504, f"backend {self.name!r} did not answer in time", kind="timeout_error") from None
+        except aiohttp.ClientError as error:
+            raise ProxyError(502, f"backend {self.name!r} is unreachable: {type(error).__name__}", kind="upstream_unreachable") from None
+        try:
+            return loads(payload)
+        except ValueError:
+            raise ProxyError(502, f"backend {self.name!r} sent a body that is not JSON") from None
+
+    async def forward(self, flow: Flow, target: "Target", endpoint: str, stream: bool) -> "UpstreamReply | UpstreamStream":
+        if endpoint not in self.endpoints:
+            return await super().forward(flow, target, endpoint, stream)
+        response = await self._send(flow, target, stream, True, url=f"{self.base_url}/{endpoint}", body={**flow.raw_request, "model": target.model})
+        return await (self._stream(response) if stream else self._reply(response))
+
     async def complete(self, flow: Flow, target: "Target") -> UpstreamReply:
-        response = await self._send(flow, target, False, False)
+        return await self._reply(await self._send(flow, target, False, False))
+
+    async def _reply(self, response: aiohttp.ClientResponse) -> UpstreamReply:
         try:
             body = await response.read()
         except asyncio.TimeoutError:
@@ -230,7 +311,9 @@ class HTTPProvider(Provider):
         return UpstreamReply(self.protocol, body=body)
 
     async def stream(self, flow: Flow, target: "Target", passthrough: bool) -> UpstreamStream:
-        response = await self._send(flow, target, True, passthrough)
+        return await self._stream(await self._send(flow, target, True, passthrough))
+
+    async def _stream(self, response: aiohttp.ClientResponse) -> UpstreamStream:
         content_type = response.headers.get("content-type", "")
         if "json" in content_type and "event-stream" not in content_type:
             # Some servers ignore stream: true; the pipeline re-streams the full answer.

@@ -4,7 +4,9 @@ Fixtures:
 - ``make_flow(body, frontend="openai_chat")``: a Flow from a wire body, ready for hooks.
 - ``proxy_server(config, plugins=[...])``: an llmproxy server on a real socket; returns its
   base URL. ``plugins`` are extra plugin objects registered as if they were installed.
-- ``fake_openai``: a real HTTP server speaking OpenAI Chat Completions, scripted per test.
+
+For a backend, configure the built-in ``offline`` provider (``mode: scripted`` plays the
+replies you list, tool calls included) — a real provider, so the flow is exercised end to end.
 """
 
 from __future__ import annotations

@@ -53,12 +53,15 @@ keep per-proxy state in ``context.state`` and register an object instead of a mo
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmproxy import Flow, hookimpl
 from llmproxy.canonical import EventKind, StreamEvent, TextPart
+
+if TYPE_CHECKING:
+    from llmproxy.flow import UpstreamRequest
 
 __version__ = "0.1.0"
 
@@ -131,7 +134,7 @@ def configure(settings: ShoutSettings) -> None:
 
 
 @hookimpl
-def upstream_request(upstream) -> None:  # type: ignore[no-untyped-def]
+def upstream_request(upstream: "UpstreamRequest") -> None:
     if _settings.header:
         upstream.headers[_settings.header] = _settings.header_value
 

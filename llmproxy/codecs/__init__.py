@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from .anthropic import AnthropicCodec
 from .base import Codec
+from .gemini import GeminiArrayCodec, GeminiCodec
 from .openai_chat import OpenAIChatCodec
+from .openai_responses import OpenAIResponsesCodec
 
 CODECS: dict[str, Codec] = {
-    OpenAIChatCodec.protocol: OpenAIChatCodec(),
+    codec.protocol: codec
+    for codec in (OpenAIChatCodec(), OpenAIResponsesCodec(), AnthropicCodec(), GeminiCodec(), GeminiArrayCodec())
 }
 
 

@@ -42,7 +42,9 @@ class Codec(Protocol):
 
     def encode_response(self, response: Response, request: Request | None) -> dict[str, Any]: ...
 
-    def stream_encoder(self, request: Request | None, model: str) -> StreamEncoder: ...
+    def stream_encoder(self, flow: Any) -> StreamEncoder:
+        """An encoder for one stream to the client of ``flow`` (reads ``flow.model`` and,
+        without forcing a decode, whatever options the client's request set)."""
 
     def error_body(self, error: ProxyError) -> dict[str, Any]: ...
 
@@ -74,12 +76,19 @@ class SSESplitter:
     the joined ``data:`` lines as bytes. Frames are separated by a blank line (LF or CRLF).
     """
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "_cr")
 
     def __init__(self) -> None:
         self._buffer = b""
+        self._cr = False  # the last read ended in CR (already taken as a line end)
 
     def feed(self, chunk: bytes) -> list[tuple[str | None, bytes]]:
+        if self._cr and chunk[:1] == b"\n":
+            # The LF of a CRLF split between two reads: its CR has ended the line already,
+            # and counting the LF as a second line end would end the frame there.
+            chunk = chunk[1:]
+        if chunk:
+            self._cr = chunk[-1:] == b"\r"
         buffer = self._buffer + chunk if self._buffer else chunk
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")

@@ -70,6 +70,16 @@ STOP_TO_FINISH = {
 }
 
 
+def effort_for_budget(budget: Any) -> str:
+    """A reasoning budget in tokens as OpenAI's ``reasoning_effort`` (the same steps as the
+    Responses codec uses)."""
+    try:
+        budget = int(budget)
+    except (TypeError, ValueError):
+        return "medium"
+    return "low" if budget <= 2048 else "medium" if budget <= 8192 else "high"
+
+
 class OpenAIChatCodec:
     protocol = PROTOCOL
     content_type_stream = "text/event-stream"
@@ -148,7 +158,9 @@ class OpenAIChatCodec:
         max_key = params.pop("_max_tokens_key", "max_tokens")
         if "max_tokens" in params:
             params[max_key] = params.pop("max_tokens")
-        body.update(params)
+        # Only parameters Chat Completions has: OpenAI answers 400 "Unrecognized request
+        # argument" to others, such as the top_k that Gemini CLI (topK) always sends.
+        body.update((k, v) for k, v in params.items() if k in _PARAM_KEYS or k == "max_completion_tokens")
         if request.tools:
             body["tools"] = [_encode_tool(t, same) for t in request.tools]
         if request.tool_choice is not None:
@@ -157,8 +169,11 @@ class OpenAIChatCodec:
             body["parallel_tool_calls"] = request.parallel_tool_calls
         if request.response_format is not None:
             body["response_format"] = _encode_response_format(request.response_format)
-        if request.reasoning and request.reasoning.get("effort"):
-            body["reasoning_effort"] = request.reasoning["effort"]
+        reasoning = request.reasoning or {}
+        if reasoning.get("effort"):
+            body["reasoning_effort"] = reasoning["effort"]
+        elif reasoning.get("budget_tokens"):  # Anthropic's / Gemini's budget → an effort
+            body["reasoning_effort"] = effort_for_budget(reasoning["budget_tokens"])
         if same and request.metadata:
             body["metadata"] = request.metadata
         if request.stream:
@@ -231,9 +246,13 @@ class OpenAIChatCodec:
     def stream_complete(self, tail: bytes) -> bool:
         return b"[DONE]" in tail
 
-    def stream_encoder(self, request: Request | None, model: str) -> "ChatStreamEncoder":
-        include_usage = request.include_usage if request is not None else False
-        return ChatStreamEncoder(model, include_usage)
+    def stream_encoder(self, flow: Any) -> "ChatStreamEncoder":
+        if flow.request_decoded:
+            include_usage = flow.request.include_usage
+        else:
+            options = flow.raw_request.get("stream_options")
+            include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
+        return ChatStreamEncoder(flow.model, include_usage)
 
     # -- errors ------------------------------------------------------------------------
     def error_body(self, error: ProxyError) -> dict[str, Any]:
@@ -607,9 +626,12 @@ class ChatStreamEncoder:
         self._suffix = b"}]}\n\n"
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None, extra: dict[str, Any] | None = None) -> bytes:
-        tail = b',"logprobs":null,"finish_reason":' + (dumps(finish) if finish else b"null")
         if extra:
-            tail += b"," + dumps(extra)[1:-1]
+            # Choice fields the event carried (logprobs) take the defaults' place: a key
+            # written twice is not JSON every client accepts.
+            choice = {"logprobs": None, "finish_reason": finish, **extra}
+            return self._prefix + dumps(delta) + b"," + dumps(choice)[1:-1] + self._suffix
+        tail = b',"logprobs":null,"finish_reason":' + (dumps(finish) if finish else b"null")
         return self._prefix + dumps(delta) + tail + self._suffix
 
     def encode(self, events: list[StreamEvent]) -> bytes:

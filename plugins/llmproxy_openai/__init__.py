@@ -1,8 +1,13 @@
-"""OpenAI Chat Completions backends: OpenAI itself and every OpenAI-compatible server.
+"""OpenAI-protocol backends: OpenAI itself (Chat Completions and Responses), Azure OpenAI,
+and every OpenAI-compatible service or local server, each a preset with its defaults.
 
-``type: openai`` talks to ``base_url`` + ``/chat/completions`` (default
-https://api.openai.com/v1). ``type: openrouter`` is the same with OpenRouter's URL. Keys are
-sent as ``Authorization: Bearer``; ``organization`` and ``project`` add OpenAI's headers.
+| type | protocol | default base_url | key |
+| --- | --- | --- | --- |
+| openai | chat | https://api.openai.com/v1 | Bearer |
+| openai-responses | responses | https://api.openai.com/v1 | Bearer |
+| azure-openai | chat | https://{resource}.openai.azure.com | api-key header, deployments, api-version |
+| openrouter, groq, together, mistral, deepseek, xai, zai, zai-coding | chat | the vendor's | Bearer |
+| ollama, lmstudio, vllm, llamacpp | chat | the usual local port | none |
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from pydantic import Field
 
 from llmproxy import hookimpl
 from llmproxy.config import BackendConfig
-from llmproxy.providers import HTTPProvider
+from llmproxy.flow import Flow
+from llmproxy.providers import Capabilities, HTTPProvider
 
 
 class OpenAISettings(BackendConfig):
@@ -26,9 +32,11 @@ class OpenAIProvider(HTTPProvider):
     Settings = OpenAISettings
     default_base_url = "https://api.openai.com/v1"
     path = "/chat/completions"
+    capabilities = Capabilities(reasoning=True, max_context=400_000)
+    endpoints = frozenset(("embeddings", "completions", "images/generations"))
 
-    def headers(self, key: str | None) -> dict[str, str]:
-        headers = super().headers(key)
+    def headers(self, key: str | None, flow: Flow) -> dict[str, str]:
+        headers = super().headers(key, flow)
         settings: Any = self.settings
         if settings.organization:
             headers["OpenAI-Organization"] = settings.organization
@@ -37,11 +45,59 @@ class OpenAIProvider(HTTPProvider):
         return headers
 
 
-class OpenRouterProvider(OpenAIProvider):
-    default_base_url = "https://openrouter.ai/api/v1"
+class OpenAIResponsesProvider(OpenAIProvider):
+    protocol = "openai_responses"
+    path = "/responses"
+
+
+class AzureSettings(OpenAISettings):
+    api_version: str = Field("2024-10-21", description="Azure's api-version query parameter.")
+    deployments: dict[str, str] = Field(default_factory=dict, description="Model name → deployment name (default: the model name).")
+
+
+class AzureOpenAIProvider(OpenAIProvider):
+    """Azure OpenAI: ``base_url`` is the resource endpoint, the model picks a deployment."""
+
+    Settings = AzureSettings
+
+    def headers(self, key: str | None, flow: Flow) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if key:
+            headers["api-key"] = key
+        headers.update(self.settings.headers)
+        return headers
+
+    def url(self, target: Any, stream: bool) -> str:
+        settings: Any = self.settings
+        deployment = settings.deployments.get(target.model, target.model)
+        return f"{self.base_url}/openai/deployments/{deployment}/chat/completions?api-version={settings.api_version}"
+
+
+def preset(name: str, base_url: str, capabilities: Capabilities = Capabilities()) -> type[OpenAIProvider]:
+    """An OpenAI-compatible provider that differs only in its defaults."""
+    return type(f"{name.title().replace('-', '')}Provider", (OpenAIProvider,), {"default_base_url": base_url, "capabilities": capabilities})
+
+
+PRESETS: dict[str, type[OpenAIProvider]] = {
+    "openrouter": preset("openrouter", "https://openrouter.ai/api/v1", Capabilities(reasoning=True)),
+    "groq": preset("groq", "https://api.groq.com/openai/v1", Capabilities(vision=False, max_context=131_072)),
+    "together": preset("together", "https://api.together.xyz/v1"),
+    "mistral": preset("mistral", "https://api.mistral.ai/v1", Capabilities(max_context=131_072)),
+    "deepseek": preset("deepseek", "https://api.deepseek.com/v1", Capabilities(vision=False, reasoning=True, max_context=131_072)),
+    "xai": preset("xai", "https://api.x.ai/v1", Capabilities(reasoning=True, max_context=256_000)),
+    "zai": preset("zai", "https://api.z.ai/api/paas/v4", Capabilities(reasoning=True, max_context=200_000)),
+    "zai-coding": preset("zai-coding", "https://api.z.ai/api/coding/paas/v4", Capabilities(reasoning=True, max_context=200_000)),
+    "ollama": preset("ollama", "http://127.0.0.1:11434/v1", Capabilities(vision=False, json_schema=False)),
+    "lmstudio": preset("lmstudio", "http://127.0.0.1:1234/v1", Capabilities(vision=False)),
+    "vllm": preset("vllm", "http://127.0.0.1:8000/v1", Capabilities(vision=False)),
+    "llamacpp": preset("llamacpp", "http://127.0.0.1:8080/v1", Capabilities(vision=False, json_schema=False)),
+}
 
 
 @hookimpl
 def register_providers(register: Callable[[str, type], None]) -> None:
     register("openai", OpenAIProvider)
-    register("openrouter", OpenRouterProvider)
+    register("openai-responses", OpenAIResponsesProvider)
+    register("azure-openai", AzureOpenAIProvider)
+    for name, cls in PRESETS.items():
+        register(name, cls)

@@ -1,0 +1,68 @@
+"""Anthropic Messages backends (``type: anthropic``).
+
+Sends ``x-api-key`` and ``anthropic-version``. When the client itself speaks Anthropic, its
+``anthropic-version`` and ``anthropic-beta`` headers are forwarded (Claude Code's betas
+matter: context-1m, interleaved thinking …); other clients get the stable version and no
+betas. Token counts come from the backend's ``/v1/messages/count_tokens``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from pydantic import Field
+
+from llmproxy import hookimpl
+from llmproxy.codecs import get_codec
+from llmproxy.config import BackendConfig
+from llmproxy.flow import Flow
+from llmproxy.providers import Capabilities, HTTPProvider
+
+ANTHROPIC_VERSION = "2023-06-01"
+
+
+class AnthropicSettings(BackendConfig):
+    version: str = Field(ANTHROPIC_VERSION, description="anthropic-version sent when the client sends none.")
+    betas: list[str] = Field(default_factory=list, description="anthropic-beta values always sent.")
+    forward_client_betas: bool = Field(True, description="Forward an Anthropic client's own anthropic-beta header.")
+
+
+class AnthropicProvider(HTTPProvider):
+    protocol = "anthropic"
+    Settings = AnthropicSettings
+    default_base_url = "https://api.anthropic.com"
+    path = "/v1/messages"
+    capabilities = Capabilities(reasoning=True, max_context=200_000)
+
+    def headers(self, key: str | None, flow: Flow) -> dict[str, str]:
+        settings: Any = self.settings
+        headers = {"content-type": "application/json", "anthropic-version": settings.version}
+        if key:
+            headers["x-api-key"] = key
+        betas = list(settings.betas)
+        if flow.frontend == "anthropic":
+            client = flow.client.headers
+            version = client.get("anthropic-version") if client else None
+            # anthropic 2.x SDKs send a future-dated version the API may not know yet;
+            # only the stable one is safe to pass on.
+            if version == ANTHROPIC_VERSION:
+                headers["anthropic-version"] = version
+            if settings.forward_client_betas and client and client.get("anthropic-beta"):
+                betas.extend(b.strip() for b in client["anthropic-beta"].split(",") if b.strip() and b.strip() not in betas)
+        if betas:
+            headers["anthropic-beta"] = ",".join(betas)
+        headers.update(settings.headers)
+        return headers
+
+    async def count_tokens(self, flow: Flow, target: Any) -> int | None:
+        key, _ = self.api_key()
+        body = get_codec(self.protocol).encode_request(flow.request, target.model)
+        for field in ("max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences", "metadata", "service_tier"):
+            body.pop(field, None)
+        result = await self.post_json(self.base_url + "/v1/messages/count_tokens", self.headers(key, flow), body)
+        return int(result.get("input_tokens", 0)) if isinstance(result, dict) else None
+
+
+@hookimpl
+def register_providers(register: Callable[[str, type], None]) -> None:
+    register("anthropic", AnthropicProvider)

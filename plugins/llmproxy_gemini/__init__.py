@@ -1,0 +1,69 @@
+"""Google Gemini backends (``type: gemini``): the Generative Language API.
+
+``base_url`` defaults to https://generativelanguage.googleapis.com/v1beta; the key goes in
+``x-goog-api-key``. Streams use ``streamGenerateContent?alt=sse``. Token counts come from
+``countTokens``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from llmproxy import hookimpl
+from llmproxy.codecs import get_codec
+from llmproxy.flow import Flow
+from llmproxy.providers import Capabilities, HTTPProvider
+
+
+class GeminiProvider(HTTPProvider):
+    protocol = "gemini"
+    default_base_url = "https://generativelanguage.googleapis.com/v1beta"
+    capabilities = Capabilities(reasoning=True, max_context=1_000_000)
+
+    def headers(self, key: str | None, flow: Flow) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if key:
+            headers["x-goog-api-key"] = key
+        headers.update(self.settings.headers)
+        return headers
+
+    def url(self, target: Any, stream: bool) -> str:
+        model = target.model if target.model.startswith(("models/", "tunedModels/")) else f"models/{target.model}"
+        method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+        return f"{self.base_url}/{model}:{method}"
+
+    def body(self, flow: Flow, target: Any, stream: bool, passthrough: bool) -> dict[str, Any]:
+        if flow.frontend in ("gemini", "gemini_array") and not flow.request_decoded:
+            body = dict(flow.raw_request)
+        else:
+            body = get_codec(self.protocol).encode_request(flow.request, target.model)
+        body.pop("model", None)  # the model and the stream flag travel in the URL
+        body.pop("stream", None)
+        return body
+
+    async def forward(self, flow: Flow, target: Any, endpoint: str, stream: bool) -> Any:
+        """OpenAI-style embeddings, answered by ``batchEmbedContents``."""
+        if endpoint != "embeddings" or stream:
+            return await super().forward(flow, target, endpoint, stream)
+        from llmproxy.codecs.base import dumps
+        from llmproxy.endpoints import gemini_embeddings_to_openai, openai_embeddings_to_gemini
+        from llmproxy.providers import UpstreamReply
+
+        key, _ = self.api_key()
+        model = target.model.removeprefix("models/")
+        body = openai_embeddings_to_gemini(flow.raw_request, model)
+        result = await self.post_json(f"{self.base_url}/models/{model}:batchEmbedContents", self.headers(key, flow), body)
+        return UpstreamReply("openai_embeddings", body=dumps(gemini_embeddings_to_openai(result, target.model)))
+
+    async def count_tokens(self, flow: Flow, target: Any) -> int | None:
+        key, _ = self.api_key()
+        body = self.body(flow, target, False, False)
+        model = target.model if target.model.startswith("models/") else f"models/{target.model}"
+        request = {"generateContentRequest": {"model": model, **body}}
+        result = await self.post_json(f"{self.base_url}/{model}:countTokens", self.headers(key, flow), request)
+        return int(result.get("totalTokens", 0)) if isinstance(result, dict) else None
+
+
+@hookimpl
+def register_providers(register: Callable[[str, type], None]) -> None:
+    register("gemini", GeminiProvider)
