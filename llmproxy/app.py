@@ -99,11 +99,17 @@ async def serve(config: Config, host: PluginHost, ready: Callable[[str], None] |
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=config.proxy.drain_timeout)
     await runner.setup()
     site = web.TCPSite(runner, config.proxy.host, config.proxy.port, reuse_address=True)
-    try:
-        await site.start()
-    except OSError as error:
-        await runner.cleanup()
-        raise ConfigError([f"proxy.port: cannot listen on {config.proxy.host}:{config.proxy.port}: {error.strerror}"], config.source) from None
+    ports = [("proxy.port", site)]
+    if config.proxy.anthropic_port is not None:
+        ports.append(("proxy.anthropic_port", web.TCPSite(runner, config.proxy.host, config.proxy.anthropic_port, reuse_address=True)))
+    for key, each in ports:
+        try:
+            await each.start()
+        except OSError as error:
+            await runner.cleanup()
+            raise ConfigError([f"{key}: cannot listen on {each.name}: {error.strerror}"], config.source) from None
+    for key, each in ports[1:]:
+        log.info("also serving on %s (%s)", each.name, key)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -263,7 +263,7 @@ class OpenAIResponsesCodec:
             body["tools"] = tools
         if request.tool_choice is not None:
             choice = request.tool_choice
-            body["tool_choice"] = choice if choice in ("auto", "none", "required") else {"type": "function", "name": choice}
+            body["tool_choicex"] = choice if choice in ("auto", "none", "required") else {"type": "function", "name": choice}
         if request.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = request.parallel_tool_calls
         reasoning = request.reasoning or {}
@@ -480,7 +480,7 @@ def _assistant_items(message: Message, same: bool) -> list[dict[str, Any]]:
             continue
         flush_text()
         if isinstance(part, ToolCallPart):
-            item = {"type": "function_call", "call_id": part.id, "name": part.name, "arguments": "{}"}
+            item = {"type": "function_call", "call_id": part.id, "name": part.name, "arguments": part.arguments}
             if same:
                 item.update(part.extra)
             items.append(item)

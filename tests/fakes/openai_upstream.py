@@ -85,6 +85,49 @@ class FakeOpenAI(FakeUpstream):
         for prefix in ("/v1", ""):
             app.router.add_post(prefix + "/chat/completions", self._chat)
             app.router.add_get(prefix + "/models", self._models)
+            app.router.add_post(prefix + "/embeddings", self._embeddings)
+            app.router.add_post(prefix + "/completions", self._legacy_completions)
+            app.router.add_post(prefix + "/images/generations", self._images)
+
+    # -- the endpoints beside chat (answered simply, recorded like chat) -------------------------
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        async def answer(request: web.Request, received: Received) -> web.StreamResponse:
+            fault = await self.faults(received, self.behaviour_for(received.model), False)
+            if fault is not None:
+                return fault
+            inputs = received.json.get("input")
+            texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
+            data = [{"object": "embedding", "index": i, "embedding": [float(len(t)), 0.5, -0.5]} for i, t in enumerate(texts)]
+            return self.send_json(received, {"object": "list", "data": data, "model": received.model,
+                                             "usage": {"prompt_tokens": len(texts), "total_tokens": len(texts)}})
+
+        return await self.serve(request, answer)
+
+    async def _legacy_completions(self, request: web.Request) -> web.StreamResponse:
+        async def answer(request: web.Request, received: Received) -> web.StreamResponse:
+            fault = await self.faults(received, self.behaviour_for(received.model), received.json.get("stream") is True)
+            if fault is not None:
+                return fault
+            base = {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": received.model}
+            if received.json.get("stream") is True:
+                response = web.StreamResponse(headers=self.sse_headers)
+                await response.prepare(request)
+                for word in ("completed", " text"):
+                    await response.write(b"data: " + json.dumps({**base, "choices": [{"index": 0, "text": word, "finish_reason": None}]}).encode() + b"\n\n")
+                await response.write(b"data: " + json.dumps({**base, "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}).encode() + b"\n\n")
+                await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
+                return response
+            return self.send_json(received, {**base, "choices": [{"index": 0, "text": "completed text", "finish_reason": "stop"}],
+                                             "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}})
+
+        return await self.serve(request, answer)
+
+    async def _images(self, request: web.Request) -> web.StreamResponse:
+        async def answer(request: web.Request, received: Received) -> web.StreamResponse:
+            return self.send_json(received, {"created": 0, "data": [{"b64_json": "aGVsbG8="}]})
+
+        return await self.serve(request, answer)
 
     @property
     def base_url(self) -> str:

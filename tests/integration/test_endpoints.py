@@ -1,0 +1,143 @@
+"""The endpoints beside chat — embeddings, legacy completions, images — and the dedicated
+Anthropic port, over real sockets with the official SDKs."""
+
+from __future__ import annotations
+
+import aiohttp
+import llmproxy_anthropic
+import llmproxy_gemini
+import llmproxy_offline
+import llmproxy_openai
+import openai
+import pytest
+
+from llmproxy import hookimpl
+from llmproxy.testing import start_proxy
+
+BUILTINS = [("openai", llmproxy_openai), ("anthropic", llmproxy_anthropic), ("gemini", llmproxy_gemini), ("offline", llmproxy_offline)]
+
+
+class FlowLog:
+    """Records every finished flow, to prove these endpoints are seen like chat."""
+
+    def __init__(self) -> None:
+        self.flows: list = []
+
+    @hookimpl
+    def flow_done(self, flow) -> None:
+        self.flows.append((flow.frontend, flow.model, flow.status, flow.target.label if flow.target else None))
+
+
+async def _proxy(backends: dict, default: str, monkeypatch: pytest.MonkeyPatch, log: FlowLog | None = None):
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-upstream-endpoints")
+    config = {"backends": backends, "default_backend": default, "models": {"embedder": {"targets": [f"{default}:text-embedding-3-small"]}}}
+    plugins = BUILTINS + ([("flowlog", log)] if log else [])
+    return await start_proxy(config, plugins=plugins, entry_points=False)
+
+
+async def test_embeddings_pass_through_to_an_openai_backend(fake_openai, monkeypatch):
+    log = FlowLog()
+    proxy = await _proxy({"up": {"type": "openai", "base_url": fake_openai.base_url, "api_keys": ["${TEST_UPSTREAM_KEY}"]}}, "up", monkeypatch, log)
+    try:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        result = await client.embeddings.create(model="embedder", input=["hello", "hi"])
+        assert [d.embedding[0] for d in result.data] == [5.0, 2.0]
+        sent = fake_openai.last
+        assert sent.path == "/v1/embeddings"
+        assert sent.json["model"] == "text-embedding-3-small"  # the alias was resolved
+        assert sent.key == "sk-upstream-endpoints"
+        assert log.flows[-1] == ("openai_embeddings", "embedder", 200, "up:text-embedding-3-small")
+    finally:
+        await proxy.stop()
+
+
+async def test_legacy_completions_stream_and_not(fake_openai, monkeypatch):
+    proxy = await _proxy({"up": {"type": "openai", "base_url": fake_openai.base_url}}, "up", monkeypatch)
+    try:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        plain = await client.completions.create(model="gpt-3.5-turbo-instruct", prompt="say")
+        assert plain.choices[0].text == "completed text"
+        pieces = []
+        async for chunk in await client.completions.create(model="gpt-3.5-turbo-instruct", prompt="say", stream=True):
+            pieces.append(chunk.choices[0].text)
+        assert "".join(pieces) == "completed text"
+    finally:
+        await proxy.stop()
+
+
+async def test_images_pass_through(fake_openai, monkeypatch):
+    proxy = await _proxy({"up": {"type": "openai", "base_url": fake_openai.base_url}}, "up", monkeypatch)
+    try:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        result = await client.images.generate(model="gpt-image-1", prompt="a cat")
+        assert result.data[0].b64_json == "aGVsbG8="
+    finally:
+        await proxy.stop()
+
+
+async def test_embeddings_translate_to_gemini(fake_gemini, monkeypatch):
+    proxy = await _proxy({"g": {"type": "gemini", "base_url": fake_gemini.base_url, "api_keys": ["${TEST_UPSTREAM_KEY}"]}}, "g", monkeypatch)
+    try:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        result = await client.embeddings.create(model="text-embedding-004", input="hello")
+        assert len(result.data) == 1 and result.data[0].embedding
+        sent = fake_gemini.last
+        assert sent.path.endswith("/models/text-embedding-004:batchEmbedContents")
+        assert sent.json["requests"][0]["content"]["parts"][0]["text"] == "hello"
+    finally:
+        await proxy.stop()
+
+
+async def test_a_backend_without_the_endpoint_says_so(fake_anthropic, monkeypatch):
+    log = FlowLog()
+    proxy = await _proxy({"a": {"type": "anthropic", "base_url": fake_anthropic.base_url, "api_keys": ["${TEST_UPSTREAM_KEY}"]}}, "a", monkeypatch, log)
+    try:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.embeddings.create(model="claude-x", input="hello")
+        assert "does not serve /v1/embeddings" in str(raised.value)
+        assert "'a'" in str(raised.value)
+        assert fake_anthropic.requests == []
+        assert log.flows[-1][2] == 400
+    finally:
+        await proxy.stop()
+
+
+async def test_endpoint_errors_are_openai_errors(fake_openai, monkeypatch):
+    proxy = await _proxy({"up": {"type": "openai", "base_url": fake_openai.base_url}}, "up", monkeypatch)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(proxy.url + "/v1/embeddings", json={"input": "x"}) as response:
+                assert response.status == 400
+                body = await response.json()
+                assert body["error"]["param"] == "model"
+        fake_openai.script(status=429, message="slow down", retry_after="3")
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as raised:
+            await client.embeddings.create(model="m", input="hello")
+        assert raised.value.response.headers.get("retry-after") == "3"
+    finally:
+        await proxy.stop()
+
+
+async def test_dedicated_anthropic_port_serves_the_same_routes(tmp_path):
+    """proxy.anthropic_port: a second listening port (real process, real sockets)."""
+    import socket
+
+    from proxy_process import ProxyProcess  # tests/proxy_process.py
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "config.yaml"
+    config.write_text(f"proxy: {{port: 0, anthropic_port: {port}}}\nbackends: {{offline: {{type: offline}}}}\ndefault_backend: offline\n")
+    with ProxyProcess("--config", str(config)) as proxy:
+        url = await proxy.ready()
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "claude-x", "max_tokens": 50, "messages": [{"role": "user", "content": "ping"}]}
+            async with session.post(f"http://127.0.0.1:{port}/v1/messages", json=body) as response:
+                assert response.status == 200
+                answer = await response.json()
+                assert answer["content"][0]["text"] == "You said: ping"
+            async with session.post(f"{url}/anthropic/v1/messages", json=body) as response:
+                assert (await response.json())["type"] == "message"
