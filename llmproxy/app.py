@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import time
@@ -99,16 +100,18 @@ async def serve(config: Config, host: PluginHost, ready: Callable[[str], None] |
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=config.proxy.drain_timeout)
     await runner.setup()
     site = web.TCPSite(runner, config.proxy.host, config.proxy.port, reuse_address=True)
-    ports = [("proxy.port", site)]
+    ports = [("proxy.port", config.proxy.port, site)]
     if config.proxy.anthropic_port is not None:
-        ports.append(("proxy.anthropic_port", web.TCPSite(runner, config.proxy.host, config.proxy.anthropic_port, reuse_address=True)))
-    for key, each in ports:
+        port = config.proxy.anthropic_port
+        ports.append(("proxy.anthropic_port", port, web.TCPSite(runner, config.proxy.host, port, reuse_address=True)))
+    for key, port, each in ports:
         try:
             await each.start()
         except OSError as error:
             await runner.cleanup()
-            raise ConfigError([f"{key}: cannot listen on {each.name}: {error.strerror}"], config.source) from None
-    for key, each in ports[1:]:
+            why = "address already in use" if error.errno == errno.EADDRINUSE else (error.strerror or str(error))
+            raise ConfigError([f"{key}: cannot listen on {config.proxy.host}:{port}: {why}"], config.source) from None
+    for key, port, each in ports[1:]:
         log.info("also serving on %s (%s)", each.name, key)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

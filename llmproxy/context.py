@@ -40,8 +40,6 @@ class ProxyContext:
         for provider in self.providers.values():
             await provider.start()
         await call_chain(self.chains.by_hook["startup"], context=self)
-        # Loading the tokenizer takes ~0.4 s: do it beside serving, not before it.
-        self._preload = asyncio.get_running_loop().run_in_executor(None, _load_tokenizer)
 
     async def stop(self) -> None:
         await call_chain_logged(self.chains.by_hook["shutdown"], context=self)
@@ -50,15 +48,6 @@ class ProxyContext:
                 await provider.close()
             except Exception:
                 log.exception("closing backend %s failed", provider.name)
-
-
-def _load_tokenizer() -> None:
-    from .tokens import encoding
-
-    try:
-        encoding()
-    except Exception:  # counting falls back to loading on first use, and says why there
-        log.warning("could not preload the tokenizer", exc_info=True)
 
 
 CONTEXT = web.AppKey("llmproxy_context", ProxyContext)

@@ -16,6 +16,7 @@ object both SDKs accept.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -94,7 +95,10 @@ async def count_tokens(request: web.Request, codec: Codec, shape: Any, inject: d
                 raise
             log.debug("backend count failed (%s); counting locally", error.message)
         if total is None:
-            total = count_request(flow.request)
+            # The tokenizer costs ~40 MB and ~0.2 s to load, so it loads on first use,
+            # off the event loop; after that a count is a plain call.
+            request_ = flow.request
+            total = await asyncio.get_running_loop().run_in_executor(None, count_request, request_)
     except ProxyError as error:
         return error_response(codec, error)
     return web.Response(body=dumps(shape(total)), content_type="application/json")

@@ -355,10 +355,11 @@ class _Writer:
                 pending = pending[end:]
         if pending.strip():
             await response.write(pending if pending.endswith(b"\n\n") else pending + b"\n\n")
-        tail = b"".join(received[-2:])[-80:]
+        tail = b"".join(chunk[-80:] for chunk in received[-2:])[-80:]
+        model = flow.model  # the closure must not hold the flow: a cycle keeps streams alive
         if not get_codec(protocol).stream_complete(tail):
-            _fold(protocol, received, flow.model)  # raises ProxyError when the stream was cut short
-        flow.set_lazy_response(lambda: _fold(protocol, received, flow.model))
+            _fold(protocol, received, model)  # raises ProxyError when the stream was cut short
+        flow.set_lazy_response(lambda: _fold(protocol, received, model))
         await response.write_eof()
 
     async def stream_events(self, batches: Any, processors: list[Any]) -> None:

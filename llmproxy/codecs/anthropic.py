@@ -222,9 +222,18 @@ class AnthropicCodec:
         elif request.parallel_tool_calls is False and request.tools:
             body["tool_choice"] = {"type": "auto", "disable_parallel_tool_use": True}
         reasoning = request.reasoning or {}
+        wants_thinking = reasoning.get("budget_tokens") or (reasoning.get("effort") and reasoning.get("effort") not in ("none",))
         if same and "_thinking" in request.extra:
-            body["thinking"] = request.extra["_thinking"]
-        elif reasoning.get("budget_tokens") or (reasoning.get("effort") and reasoning.get("effort") not in ("none",)):
+            body["thinking"] = request.extra["_thinking"]  # an Anthropic client's own, as it sent it
+        elif wants_thinking and _unsigned_tool_turn(body["messages"]):
+            # Mid tool loop, Anthropic wants the last assistant turn to start with its signed
+            # thinking block, or answers 400 ("Expected `thinking` ... but found `tool_use`").
+            # Clients of other protocols cannot hand Anthropic's signature back (and unsigned
+            # thinking is never forwarded), so this request goes without thinking, as the
+            # API's own error message advises, and without thinking's other changes (more
+            # max_tokens, no temperature).
+            pass
+        elif wants_thinking:
             budget = reasoning.get("budget_tokens") or EFFORT_BUDGET.get(str(reasoning.get("effort")), 8192)
             budget = max(1024, int(budget))
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}
@@ -463,6 +472,17 @@ def _encode_block(part: Part, same: bool, outgoing: bool) -> dict[str, Any] | No
     if isinstance(part, OpaquePart) and part.protocol == PROTOCOL:
         return part.data
     return None
+
+
+def _unsigned_tool_turn(messages: list[dict[str, Any]]) -> bool:
+    """Whether the last assistant message calls tools without starting with a thinking block."""
+    for message in reversed(messages):
+        if message.get("role") == "assistant":
+            content = message.get("content")
+            if not isinstance(content, list) or not any(b.get("type") == "tool_use" for b in content):
+                return False
+            return content[0].get("type") not in ("thinking", "redacted_thinking")
+    return False
 
 
 def _encode_messages(messages: list[Message], same: bool) -> list[dict[str, Any]]:

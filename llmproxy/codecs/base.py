@@ -144,7 +144,9 @@ def complete_frames_end(buffer: bytes) -> int:
     half-written frame in front of our error event.
     """
     end = buffer.rfind(b"\n\n")
-    crlf = buffer.rfind(b"\r\n\r\n")
-    if crlf >= 0 and crlf + 4 > end + 2:
+    # A CRLF frame end can only lie after the last LF LF; searching just there keeps this
+    # cheap on long reads.
+    crlf = buffer.rfind(b"\r\n\r\n", end + 1 if end >= 0 else 0)
+    if crlf >= 0:
         return crlf + 4
     return end + 2 if end >= 0 else 0

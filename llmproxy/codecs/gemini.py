@@ -12,6 +12,7 @@ call. Schemas written with Gemini's upper-case OpenAPI types (``responseSchema``
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -66,6 +67,15 @@ def _camel(data: dict[str, Any], table: dict[str, str]) -> dict[str, Any]:
     if not any(k in table for k in data):
         return data
     return {table.get(k, k): v for k, v in data.items()}
+
+
+def _camel_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its snake_case keys (one level only) in lowerCamelCase. The API takes
+    either spelling at any depth, and google-genai 3.x mixes them: ``thinkingConfig:
+    {include_thoughts, thinking_budget}``."""
+    if not any("_" in k for k in data):
+        return data
+    return {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), k): v for k, v in data.items()}
 
 
 def json_schema_from_gemini(schema: Any) -> Any:
@@ -288,6 +298,7 @@ def _unchanged(tool: Tool) -> bool:
 
 
 def _decode_config(config: dict[str, Any], request: Request) -> None:
+    config = _camel_keys(config)
     params = request.params
     for wire, key in (("temperature", "temperature"), ("topP", "top_p"), ("topK", "top_k"), ("maxOutputTokens", "max_tokens"),
                       ("stopSequences", "stop"), ("seed", "seed"), ("candidateCount", "n"), ("presencePenalty", "presence_penalty"),
@@ -306,6 +317,7 @@ def _decode_config(config: dict[str, Any], request: Request) -> None:
             request.response_format = {"type": "json_object"}
     thinking = config.get("thinkingConfig")
     if isinstance(thinking, dict):
+        thinking = _camel_keys(thinking)
         reasoning: dict[str, Any] = {}
         if thinking.get("thinkingBudget") is not None:
             budget = thinking["thinkingBudget"]
@@ -329,15 +341,15 @@ def _encode_config(request: Request, model: str, config: dict[str, Any], same: b
     stop = params.get("stop")
     if stop:
         config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
-    # A Gemini client's own settings keep its spelling (responseSchema with upper-case types,
-    # thinkingLevel …) while the canonical fields still say what they said; a plugin's change,
-    # or a request built without a generationConfig, is written anew (it used to be dropped).
+    # A Gemini client's own settings keep their spelling (responseSchema with upper-case
+    # types, thinkingLevel …) while the canonical fields still say the same; a plugin's change,
+    # or a request built without a generationConfig, is written from the canonical fields.
     client = Request(model=model)
     if same:
         _decode_config(config, client)
     fmt = request.response_format
     if not same or fmt != client.response_format:
-        for key in ("responseMimeType", "responseSchema", "responseJsonSchema"):
+        for key in ("responseMimeType", "responseSchema", "responseJsonSchema", "response_mime_type", "response_schema", "response_json_schema"):
             config.pop(key, None)
         if fmt is not None:
             config["responseMimeType"] = "application/json"
@@ -346,6 +358,7 @@ def _encode_config(request: Request, model: str, config: dict[str, Any], same: b
     if same and request.reasoning == client.reasoning:
         return
     config.pop("thinkingConfig", None)
+    config.pop("thinking_config", None)
     reasoning = request.reasoning or {}
     if reasoning.get("enabled") is False:
         config["thinkingConfig"] = {"thinkingBudget": 0}
@@ -452,10 +465,13 @@ def _encode_part(part: Part, same: bool, outgoing: bool) -> dict[str, Any] | Non
             wire["thoughtSignature"] = part.extra["thoughtSignature"]
         return wire
     if isinstance(part, ThinkingPart):
-        if part.protocol != PROTOCOL or part.redacted:
-            return None
+        own = part.protocol == PROTOCOL
+        if part.redacted or not own and (outgoing or not part.text):
+            return None  # another family's reasoning never goes to Gemini
+        # A Gemini client still sees another family's reasoning as a thought (as it does
+        # when streamed), only without that family's signature.
         wire = {"text": part.text, "thought": True}
-        if part.signature:
+        if own and part.signature:
             wire["thoughtSignature"] = part.signature
         return wire
     if isinstance(part, ToolCallPart):

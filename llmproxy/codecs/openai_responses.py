@@ -263,7 +263,7 @@ class OpenAIResponsesCodec:
             body["tools"] = tools
         if request.tool_choice is not None:
             choice = request.tool_choice
-            body["tool_choicex"] = choice if choice in ("auto", "none", "required") else {"type": "function", "name": choice}
+            body["tool_choice"] = choice if choice in ("auto", "none", "required") else {"type": "function", "name": choice}
         if request.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = request.parallel_tool_calls
         reasoning = request.reasoning or {}
@@ -616,6 +616,10 @@ class ResponsesStreamDecoder:
                 events.append(StreamEvent(EventKind.TOOL_CALL_START, index=index, id=item.get("call_id"), name=item.get("name"), extra={"id": item.get("id")}))
                 if item.get("arguments"):
                     events.append(StreamEvent(EventKind.TOOL_CALL_DELTA, index=index, text=item["arguments"]))
+            elif item.get("type") == "reasoning" and item.get("id"):
+                # The id now, before the summary: a Responses client echoes the item back by
+                # the id announced in output_item.added, which the encoder writes first.
+                events.append(StreamEvent(EventKind.THINKING, index=index, extra={"id": item["id"]}))
         elif kind == "response.output_item.done":
             item = event.get("item") or {}
             index = event.get("output_index", 0)
@@ -726,7 +730,9 @@ class ResponsesStreamEncoder:
         out: list[bytes] = []
         for event in events:
             kind = event.kind
-            if not self._started and kind != EventKind.ERROR:
+            if not self._started:
+                # Even a failure before any output: the SDK's stream helper refuses events
+                # (``error`` included) that come before ``response.created``.
                 self._begin(out, event if kind == EventKind.START else None)
                 if kind == EventKind.START:
                     continue

@@ -115,20 +115,22 @@ class FakeResponses(FakeUpstream):
         response = self._response(body, behaviour)
         if not stream:
             return self.send_json(received, response)
-        return await self.send_stream(request, received, behaviour, list(self._events(response)))
+        # A failure mid-stream belongs to the same response (clients check the id).
+        failed = self.stream_error_frame(behaviour, behaviour.error_after or 0, response) if behaviour.error_after is not None else None
+        return await self.send_stream(request, received, behaviour, list(self._events(response)), error_frame=failed)
 
     def error_body(self, status: int, message: str, error_type: str | None, code: str | None, retry_after: str | None) -> Any:
         return {"error": {"message": message, "type": error_type or ERROR_TYPES.get(status, "server_error"), "param": None, "code": code}}
 
-    def stream_error_frame(self, behaviour: Behaviour, sequence: int) -> bytes:
+    def stream_error_frame(self, behaviour: Behaviour, sequence: int, response: dict[str, Any] | None = None) -> bytes:
         failed = {
-            "id": "resp_failed",
+            "id": response["id"] if response else "resp_failed",
             "object": "response",
-            "created_at": int(time.time()),
+            "created_at": response["created_at"] if response else int(time.time()),
             "status": "failed",
             "error": {"code": behaviour.error_code or "server_error", "message": behaviour.message},
             "incomplete_details": None,
-            "model": "unknown",
+            "model": response["model"] if response else "unknown",
             "output": [],
             "parallel_tool_calls": True,
             "tool_choice": "auto",
