@@ -2,8 +2,8 @@
 
 A script run by hand, not a test. Run it with the Python that has llmproxy installed::
 
-    python bench/proxy_bench.py --quick               # about 25 s: a smoke run, rough numbers
-    python bench/proxy_bench.py                       # about 3 min: the numbers for docs/performance.md
+    python bench/proxy_bench.py --quick               # about 35 s: a smoke run, rough numbers
+    python bench/proxy_bench.py                       # about 4 min: the numbers for docs/performance.md
     python bench/proxy_bench.py --json bench.json     # also save every slice and the summary
 
 What runs, each in its own process, all on 127.0.0.1:
@@ -380,6 +380,8 @@ def llmproxy_env(args: argparse.Namespace, workdir: Path) -> dict[str, str]:
     PYTHONDONTWRITEBYTECODE is set (or the tree is read-only) every start would compile llmproxy's
     modules again, so the cache goes to a directory of the run's own."""
     env = dict(os.environ)
+    if args.noop_processor:  # where the bench plugin module is written
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(workdir), env.get("PYTHONPATH")]))
     if not args.no_bytecode_cache:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(workdir / "pycache")
@@ -427,14 +429,29 @@ def entry_point_plugins() -> dict[str, bool]:
     return dict(sorted(plugins.items()))
 
 
-def write_llmproxy_config(path: Path, port: int, backend_url: str, plugins: dict[str, bool]) -> None:
+NOOP_PROCESSOR_PLUGIN = "bench_noop_processor"
+NOOP_PROCESSOR_SOURCE = '''"""Bench plugin: watches every stream and changes nothing (switches on decode → processor → encode)."""
+
+from llmproxy import hookimpl
+
+
+@hookimpl
+def stream_start(flow):
+    return lambda event: event
+'''
+
+
+def write_llmproxy_config(path: Path, port: int, backend_url: str, plugins: dict[str, bool], noop_processor: bool = False) -> None:
     # JSON is YAML; written as JSON so this script needs no YAML library.
-    config = {
+    config: dict[str, Any] = {
         "proxy": {"host": "127.0.0.1", "port": port, "log_level": "warning", "drain_timeout": 5},
         "backends": {"fake": {"type": "openai", "base_url": backend_url + "/v1", "timeout": {"connect": 5, "read": 60}}},
         "default_backend": "fake",
         "plugins": {name: {"enabled": builtin} for name, builtin in plugins.items()},
     }
+    if noop_processor:
+        (path.parent / f"{NOOP_PROCESSOR_PLUGIN}.py").write_text(NOOP_PROCESSOR_SOURCE)
+        config["plugins"]["load"] = [NOOP_PROCESSOR_PLUGIN]
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -878,6 +895,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-llmproxy", metavar="FILE", help="run llmproxy under cProfile and write the profile here (inflates its CPU)")
     parser.add_argument("--no-bytecode-cache", action="store_true",
                         help="start llmproxy in this environment as it is (with PYTHONDONTWRITEBYTECODE set, it compiles its modules on every start)")
+    parser.add_argument("--noop-processor", action="store_true",
+                        help="also load a bench plugin whose stream processor passes every event unchanged: measures the "
+                             "decode → processors → encode path that any plugin watching streams switches on")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs and logs)")
     parser.add_argument("--json", metavar="FILE", help="also write every slice and the summary as JSON")
     args = parser.parse_args(argv)
@@ -925,7 +945,7 @@ def main(argv: list[str] | None = None) -> int:
 
         port = free_port()
         config = workdir / "llmproxy.yaml"
-        write_llmproxy_config(config, port, backend_url, plugins)
+        write_llmproxy_config(config, port, backend_url, plugins, args.noop_processor)
         plugin_info = describe_plugins(args, config)
         chains = {hook: order for hook, order in plugin_info.get("chains", {}).items() if order}
         print("flow hook chains: " + ("; ".join(f"{hook}: {' → '.join(order)}" for hook, order in chains.items()) or "none"), flush=True)
