@@ -195,6 +195,11 @@ def norm_request(request: Request, protocol: str, same: bool) -> dict[str, Any]:
         if isinstance(params.get("stop"), str):
             params["stop"] = [params["stop"]]  # stop_sequences is always a list
         params.setdefault("max_tokens", 8192)  # required by the API: llmproxy's default
+        forced = tool_choice is not None and tool_choice not in ("auto", "none") and bool(request.tools or same)
+        if reasoning and reasoning.get("budget_tokens") and forced:
+            # The API refuses thinking with a forced tool choice (tool_choice any/tool): the
+            # tool choice is kept, thinking goes.
+            reasoning = None
         if reasoning and reasoning.get("budget_tokens") and _unsigned_tool_turn(request.messages):
             # Mid tool loop, thinking needs the last assistant turn to open with Anthropic's
             # signed thinking block; without one the request goes without thinking (the

@@ -225,7 +225,8 @@ class AnthropicCodec:
         wants_thinking = reasoning.get("budget_tokens") or (reasoning.get("effort") and reasoning.get("effort") not in ("none",))
         if same and "_thinking" in request.extra:
             body["thinking"] = request.extra["_thinking"]  # an Anthropic client's own, as it sent it
-        elif wants_thinking and _unsigned_tool_turn(body["messages"]):
+        elif wants_thinking and (body.get("tool_choice", {}).get("type") in ("any", "tool") or _unsigned_tool_turn(body["messages"])):
+            # Anthropic refuses thinking with a forced tool choice; forcing the tool matters more.
             # Mid tool loop, Anthropic wants the last assistant turn to start with its signed
             # thinking block, or answers 400 ("Expected `thinking` ... but found `tool_use`").
             # Clients of other protocols cannot hand Anthropic's signature back (and unsigned
@@ -710,7 +711,9 @@ class AnthropicStreamEncoder:
                     continue
                 if event.text:
                     self._delta(wire, {"type": "thinking_delta", "thinking": event.text}, out)
-                if event.signature:
+                # Another family's signature (decoders name theirs in ``signed_by``) stays
+                # out: the client would hand it back as Anthropic's, which the API refuses.
+                if event.signature and (event.extra or {}).get("signed_by", PROTOCOL) == PROTOCOL:
                     self._signed.add(wire)
                     self._delta(wire, {"type": "signature_delta", "signature": event.signature}, out)
             elif kind == EventKind.BLOCK_STOP:
