@@ -87,8 +87,7 @@ class SSESplitter:
             # The LF of a CRLF split between two reads: its CR has ended the line already,
             # and counting the LF as a second line end would end the frame there.
             chunk = chunk[1:]
-        if chunk:
-            self._cr = chunk[-1:] == b"\r"
+        self._cr = chunk[-1:] == b"\r"
         buffer = self._buffer + chunk if self._buffer else chunk
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
