@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -30,7 +31,50 @@ def _fail(error: Exception) -> None:
     sys.exit(2)
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+def _config_from_argv() -> str | None:
+    """``--config`` as typed: ``--help`` is handled before click has parsed it."""
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+class PluginCommands(click.Group):
+    """The built-in sub-commands, plus those installed plugins add through the
+    ``register_cli_commands`` hook — loaded only when a command name is not a built-in or
+    the list is asked for, so serving never pays for them."""
+
+    _plugins_loaded = False
+
+    def _load_plugins(self, ctx: click.Context) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        path = ctx.params.get("config_path") or _config_from_argv() or os.environ.get("LLMPROXY_CONFIG")
+        try:
+            config = load_config(path) if path else default_config(frozenset())
+            host = PluginHost(config, check_settings=False)
+        except (ConfigError, PluginLoadError) as error:
+            click.echo(f"warning: plugin commands unavailable: {error}", err=True)
+            return
+        host.pm.hook.register_cli_commands(cli=self)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is None:
+            self._load_plugins(ctx)
+            command = super().get_command(ctx, name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugins(ctx)
+        return super().list_commands(ctx)
+
+
+@click.group(cls=PluginCommands, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), envvar="LLMPROXY_CONFIG",
               help="YAML config file. Without one: the offline backend plus every backend whose key is in the environment.")
 @click.option("--host", help="Bind address (overrides proxy.host).")

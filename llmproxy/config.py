@@ -90,6 +90,8 @@ class ProxySettings(_Strict):
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest request body accepted; larger gets 413.")
     drain_timeout: float = Field(10.0, ge=0, description="Seconds to let in-flight requests finish on shutdown.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Console log level.")
+    session_ttl: float = Field(24 * 3600, gt=0, description="Seconds a session is kept after its last request.")
+    max_sessions: int = Field(10_000, gt=0, description="Sessions kept at most (least recently used go first).")
     anthropic_port: int | None = Field(
         None, ge=0, le=65535, description="A second port serving the same routes, for clients that want a dedicated Anthropic URL."
     )

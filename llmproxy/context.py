@@ -16,6 +16,7 @@ from .config import Config
 from .manager import HookChains, PluginHost, call_chain, call_chain_logged
 from .providers import Provider
 from .router import Router
+from .sessions import SessionStore
 
 log = logging.getLogger("llmproxy")
 
@@ -31,6 +32,7 @@ class ProxyContext:
             self.providers[name] = cls(name, cls.Settings.model_validate(section), self)
         self.router = Router(config, self.providers)
         self.state: dict[str, Any] = {}  # for plugins: keep per-proxy state under your name
+        self.sessions = SessionStore(config.proxy.session_ttl, config.proxy.max_sessions)
         self.inflight: set[asyncio.Task[Any]] = set()  # requests being served, for the shutdown drain
 
     async def start(self) -> None:

@@ -34,7 +34,8 @@ class ProxyError(Exception):
 
     ``param`` names the offending request field when there is one; ``code`` is an optional
     short code (OpenAI's ``code``); ``headers`` are added to the HTTP error response (for
-    example ``Retry-After``).
+    example ``Retry-After``); ``in_stream`` marks an error the backend sent as an event of
+    its stream (a pass-through stream has already shown it to the client).
     """
 
     def __init__(
@@ -46,8 +47,10 @@ class ProxyError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        in_stream: bool = False,
     ) -> None:
         super().__init__(message)
+        self.in_stream = in_stream  # the backend reported it as an event inside its stream
         self.status = status
         self.message = message
         self.kind = kind or KIND_BY_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .canonical import Request, Response
 from .errors import ProxyError
+from .sessions import Session, SessionStore
 
 if TYPE_CHECKING:
     from .router import Target
@@ -66,7 +67,9 @@ class Flow:
         "raw_request",
         "model",
         "stream",
-        "session",
+        "raw_body",
+        "sessions",
+        "_session",
         "metadata",
         "trace",
         "target",
@@ -97,7 +100,9 @@ class Flow:
         self.raw_request = raw_request
         self.model = model
         self.stream = stream
-        self.session: str | None = None
+        self.raw_body = b""  # the request body as received (a cheap place to look for markers)
+        self.sessions: SessionStore | None = None  # set by the pipeline
+        self._session: Session | None = None
         self.metadata: dict[str, Any] = {}
         self.trace: list[dict[str, Any]] = []
         self.target: Target | None = None
@@ -128,6 +133,16 @@ class Flow:
     def request(self, value: Request) -> None:
         self._request = value
         self.model = value.model
+
+    @property
+    def session(self) -> Session:
+        """This conversation's :class:`~llmproxy.sessions.Session`, identified on first use
+        (see llmproxy/sessions.py for how)."""
+        if self._session is None:
+            if self.sessions is None:
+                self.sessions = SessionStore()
+            self._session = self.sessions.for_flow(self)
+        return self._session
 
     @property
     def request_decoded(self) -> bool:

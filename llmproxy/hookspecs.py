@@ -73,6 +73,26 @@ def register_providers(register: Callable[[str, type["Provider"]], None]) -> Non
 
 
 @hookspec
+def register_commands(register: Callable[..., None]) -> None:
+    """Add in-chat commands: ``register(name, handler, help)`` once per command.
+
+    A user types ``!/name`` or ``!/name(arguments)`` in a message; the ``commands`` plugin
+    finds it, strips it, and calls ``handler(call)`` with a
+    :class:`llmproxy.commands.CommandCall` (``name``, ``args`` — the raw text between the
+    parentheses, ``flow``, ``session``). The handler changes ``call.session`` (settings
+    that last) or ``call.flow`` (this request only) and returns a short reply for the user,
+    or None. Raise ``ValueError`` with a message to report bad arguments. May be async.
+    Called once at start-up.
+    """
+
+
+@hookspec
+def register_cli_commands(cli: Any) -> None:
+    """Add sub-commands to the ``llmproxy`` command: ``cli`` is its click group, so
+    ``@cli.command()`` works. Called when the command line is built."""
+
+
+@hookspec
 def plugin_settings() -> Optional[type["BaseModel"]]:
     """Return the pydantic model for this plugin's config section, ``plugins.<plugin name>``.
 

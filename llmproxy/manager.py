@@ -71,7 +71,7 @@ def _origin(ep: metadata.EntryPoint) -> tuple[str, str]:
 class PluginHost:
     """Owns the pluggy manager and what was learned while loading plugins."""
 
-    def __init__(self, config: Config, *, entry_points: bool = True, extra: Iterable[tuple[str, Any]] = ()) -> None:
+    def __init__(self, config: Config, *, entry_points: bool = True, extra: Iterable[tuple[str, Any]] = (), check_settings: bool = True) -> None:
         self.pm = pluggy.PluginManager("llmproxy")
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
@@ -110,7 +110,10 @@ class PluginHost:
             plugin = self.pm.get_name(error.plugin) if error.plugin is not None else "?"
             raise PluginLoadError(f"plugin {plugin!r}: {error} (misspelled hook? see docs/hooks.md)") from error
         self._collect_providers()
-        self.validate_settings(config)
+        self.commands: dict[str, Any] = {}
+        self._collect_commands()
+        if check_settings:
+            self.validate_settings(config)
 
     # -- registries ------------------------------------------------------------------------
     def _collect_providers(self) -> None:
@@ -124,6 +127,20 @@ class PluginHost:
                 self.provider_types[type_name] = cls
                 self.provider_owner[type_name] = _owner
                 self.plugins[_owner].providers.append(type_name)
+
+            impl.function(register=register)
+
+    def _collect_commands(self) -> None:
+        from .commands import NAME, Command
+
+        for impl in reversed(self.pm.hook.register_commands.get_hookimpls()):
+
+            def register(name: str, handler: Callable[..., Any], help: str = "", _owner: str = impl.plugin_name) -> None:
+                if not NAME.match(name):
+                    raise PluginLoadError(f"plugin {_owner!r} registers command {name!r}: names are lower-case words")
+                if name in self.commands:
+                    raise PluginLoadError(f"plugin {_owner!r} registers command {name!r}, already registered by {self.commands[name].plugin!r}")
+                self.commands[name] = Command(name, handler, help, _owner)
 
             impl.function(register=register)
 

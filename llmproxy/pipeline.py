@@ -86,6 +86,8 @@ async def handle(request: web.Request, codec: Codec, inject: dict[str, Any] | No
     try:
         flow.client = authenticate(request, ctx)
         flow.raw_request = await read_json(request)
+        flow.raw_body = await request.read()  # aiohttp keeps the bytes it read: no copy
+        flow.sessions = ctx.sessions
         if inject:
             flow.raw_request.update(inject)
         flow.model, flow.stream = codec.peek(flow.raw_request)
@@ -358,7 +360,16 @@ class _Writer:
         tail = b"".join(chunk[-80:] for chunk in received[-2:])[-80:]
         model = flow.model  # the closure must not hold the flow: a cycle keeps streams alive
         if not get_codec(protocol).stream_complete(tail):
-            _fold(protocol, received, model)  # raises ProxyError when the stream was cut short
+            try:
+                _fold(protocol, received, model)  # raises ProxyError when the stream was cut short
+            except ProxyError as error:
+                if not error.in_stream:
+                    raise
+                # The backend's own error event has reached the client already, in its
+                # protocol: a second error frame from us would be off-protocol.
+                flow.error = error
+                await response.write_eof()
+                return
         flow.set_lazy_response(lambda: _fold(protocol, received, model))
         await response.write_eof()
 

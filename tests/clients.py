@@ -72,6 +72,9 @@ class Reply:
     usage: Tokens | None = None
     parsed: Any = None
     """The SDK's own parse of a JSON-schema answer."""
+    signatures: list[Any] = field(default_factory=list)
+    """The opaque reasoning signatures the client got: Anthropic ``signature``s, Responses
+    ``encrypted_content``, Gemini ``thoughtSignature``s (empty ones left out)."""
     call_starts: int = 0
     """Stream only: how many times a tool call was begun on the wire."""
     turn: list[Any] = field(default_factory=list)
@@ -122,9 +125,13 @@ class Client:
 
     async def ask(self, model: str, stream: bool, history: list[Any], *, system: str | None = None, tools: bool = False,
                   reasoning: bool = False, schema: bool = False) -> Reply:
+        """One model turn: ``tools`` offers the ``shell`` tool, ``reasoning`` asks for
+        reasoning the way this protocol does, ``schema`` asks for a :class:`Verdict`
+        through the SDK's own structured-output helper."""
         raise NotImplementedError
 
     def failure(self, error: Exception) -> Failure:
+        """What ``error`` (raised by :meth:`ask`) tells the client."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -294,6 +301,7 @@ class Responses(Client):
             stop=stop,
             usage=Tokens(usage.input_tokens, usage.output_tokens, usage.input_tokens_details.cached_tokens) if usage else None,
             parsed=getattr(response, "output_parsed", None),
+            signatures=[item.encrypted_content for item in response.output if item.type == "reasoning" and item.encrypted_content],
             turn=turn,
         )
 
@@ -382,6 +390,7 @@ class Claude(Client):
             stop=message.stop_reason,
             usage=Tokens(usage.input_tokens + cached + (usage.cache_creation_input_tokens or 0), usage.output_tokens, cached),
             parsed=getattr(message, "parsed_output", None),
+            signatures=[b.signature for b in message.content if b.type == "thinking" and b.signature],
             turn=[{"role": "assistant", "content": blocks}],
         )
 
@@ -467,6 +476,7 @@ class Gemini(Client):
             stop=stop,
             usage=tokens,
             parsed=parsed,
+            signatures=[p.thought_signature for p in parts if p.thought_signature],
             turn=[types.Content(role="model", parts=parts)],
         )
 

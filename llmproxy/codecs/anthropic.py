@@ -628,7 +628,7 @@ class AnthropicStreamDecoder:
         elif kind == "error":
             err = event.get("error") or {}
             status = {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500}.get(err.get("type"), 502)
-            raise ProxyError(status, f"upstream error mid-stream: {err.get('message', err)}", kind=err.get("type"))
+            raise ProxyError(status, f"upstream error mid-stream: {err.get('message', err)}", kind=err.get("type"), in_stream=True)
         # ping and unknown events carry nothing canonical
 
 

@@ -606,7 +606,7 @@ class GeminiStreamDecoder:
             return
         if "error" in chunk and "candidates" not in chunk:
             err = chunk["error"] if isinstance(chunk["error"], dict) else {}
-            raise ProxyError(502, f"upstream error mid-stream: {err.get('message', chunk['error'])}")
+            raise ProxyError(502, f"upstream error mid-stream: {err.get('message', chunk['error'])}", in_stream=True)
         if not self._started:
             self._started = True
             events.append(StreamEvent(EventKind.START, id=chunk.get("responseId"), model=chunk.get("modelVersion")))
@@ -628,12 +628,13 @@ class GeminiStreamDecoder:
                         continue  # a final chunk's empty part: it would open an empty block
                     if part.get("thought"):
                         index = self._switch("thought", events)
-                        events.append(StreamEvent(EventKind.THINKING, index=index, text=part["text"], signature=signature))
+                        events.append(StreamEvent(EventKind.THINKING, index=index, text=part["text"], signature=signature,
+                                                  extra={"signed_by": PROTOCOL} if signature else None))
                     else:
                         index = self._switch("text", events)
                         events.append(StreamEvent(EventKind.TEXT, index=index, text=part["text"], extra={"thoughtSignature": signature} if signature else None))
                 elif signature and self._kind is not None:
-                    events.append(StreamEvent(EventKind.THINKING, index=self._index, signature=signature))
+                    events.append(StreamEvent(EventKind.THINKING, index=self._index, signature=signature, extra={"signed_by": PROTOCOL}))
             if candidate.get("finishReason"):
                 self._finish = candidate["finishReason"]
         if (chunk.get("promptFeedback") or {}).get("blockReason"):

@@ -565,7 +565,7 @@ class ChatStreamDecoder:
             raise ProxyError(502, "upstream sent a stream event that is not a JSON object")
         if "error" in chunk and not chunk.get("choices"):
             err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-            raise ProxyError(502, f"upstream error mid-stream: {err.get('message', err)}", kind=err.get("type") or "upstream_error")
+            raise ProxyError(502, f"upstream error mid-stream: {err.get('message', err)}", kind=err.get("type") or "upstream_error", in_stream=True)
         if not self._started:
             self._started = True
             events.append(StreamEvent(EventKind.START, id=chunk.get("id"), model=chunk.get("model")))

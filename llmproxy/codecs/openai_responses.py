@@ -624,7 +624,7 @@ class ResponsesStreamDecoder:
             item = event.get("item") or {}
             index = event.get("output_index", 0)
             if item.get("type") == "reasoning":
-                extra = {"id": item.get("id")}
+                extra = {"id": item.get("id"), "signed_by": PROTOCOL}
                 events.append(StreamEvent(EventKind.THINKING, index=index, signature=item.get("encrypted_content"), extra=extra))
             elif item.get("type") not in ("message", "function_call", "reasoning"):
                 events.append(StreamEvent(EventKind.TEXT, index=index, extra={"responses_item": item}))
@@ -648,7 +648,7 @@ class ResponsesStreamDecoder:
         elif kind in ("response.failed", "error"):
             err = (event.get("response") or {}).get("error") if kind == "response.failed" else event
             err = err or {}
-            raise ProxyError(502, f"upstream error mid-stream: {err.get('message', err)}", kind=err.get("code") or "upstream_error")
+            raise ProxyError(502, f"upstream error mid-stream: {err.get('message', err)}", kind=err.get("code") or "upstream_error", in_stream=True)
 
 
 class ResponsesStreamEncoder:

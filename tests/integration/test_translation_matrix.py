@@ -12,9 +12,9 @@ and ``gemini`` on both sides. Scenarios:
   back under the call's id, the final text quoting it;
 - ``image``: a base64 PNG reaches the backend in its own shape with the same bytes;
 - ``reasoning``: reasoning asked in the client's terms reaches the backend in its own, the
-  backend's thinking comes back as the client's, and on the next turn (a tool round trip, as
-  agents do) thinking and signatures are replayed exactly to a backend of the same protocol
-  and not at all to another;
+  backend's thinking comes back as the client's (its signatures only to a client of the same
+  protocol), and on the next turn (a tool round trip, as agents do) thinking and signatures
+  are replayed exactly to a backend of the same protocol and not at all to another;
 - ``json``: a JSON schema in the client's terms reaches the backend in its own; the SDK
   parses the schema-shaped answer;
 - ``truncated``: the backend's max-tokens stop is the client's;
@@ -320,12 +320,12 @@ def reasoning_in(back: str, blocks: list[dict[str, Any]]) -> list[dict[str, Any]
     reasoning items, Gemini thought parts and signed parts (other than the documented
     placeholder), chat ``reasoning_content``."""
     if back == "chat":
-        return [{"reasoning_content": b["reasoning_content"]} for b in blocks if b.get("reasoning_content") or b.get("reasoning")]
+        return [{"reasoning_content": b.get("reasoning_content") or b["reasoning"]} for b in blocks if b.get("reasoning_content") or b.get("reasoning")]
     if back == "responses":
         return [b for b in blocks if b.get("type") == "reasoning"]
     if back == "anthropic":
         return [b for b in blocks if b.get("type") in ("thinking", "redacted_thinking")]
-    return [b for b in blocks if b.get("thought") or b.get("thoughtSignature") not in (None, SKIP_SIGNATURE)]
+    return [b for b in blocks if b.get("thought") or b.get("thoughtSignature", b.get("thought_signature")) not in (None, SKIP_SIGNATURE)]
 
 
 def reasoning_sent(back: str, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -404,6 +404,9 @@ async def reasoning(cell: Cell) -> None:
     assert asks_reasoning(cell.back, cell.fake.requests[0].json)
     # Chat Completions returns no reasoning (the OpenAI API keeps it), so nothing comes back.
     assert first.thinking == ("" if cell.back == "chat" else DEFAULT_THINKING)
+    # A signature is only good for its own family: another's never reaches the client, which
+    # would hand it back as its own.
+    assert bool(first.signatures) == (cell.same and cell.back != "chat")
     assert [c.name for c in first.calls] == ["shell"]
     if cell.stream:
         assert first.call_starts == 1
@@ -497,7 +500,7 @@ async def test_matrix(rig: Rig, front: str, back: str, stream: bool, scenario: s
 
 def diagonal() -> list[Any]:
     return [
-        pytest.param(name, stream, scenario, id=f"{name}->{name}-{'stream' if stream else 'nonstream'}-{scenario}")
+        pytest.param(name, stream, scenario, id=cell_id(name, name, stream, scenario))
         for name in PROTOCOLS
         for scenario, (_, modes) in SCENARIOS.items()
         for stream in modes
