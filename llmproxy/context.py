@@ -35,6 +35,11 @@ class ProxyContext:
         self.sessions = SessionStore(config.proxy.session_ttl, config.proxy.max_sessions)
         self.inflight: set[asyncio.Task[Any]] = set()  # requests being served, for the shutdown drain
 
+    def settings(self, plugin: str) -> Any:
+        """``plugin``'s validated settings (an instance of its settings model), or None."""
+        info = self.host.plugins.get(plugin)
+        return info.settings if info is not None else None
+
     async def start(self) -> None:
         for impl in self.chains.by_hook["configure"]:
             info = self.host.plugins[impl.plugin]

@@ -68,6 +68,8 @@ class Flow:
         "model",
         "stream",
         "raw_body",
+        "context",
+        "disabled_plugins",
         "sessions",
         "_session",
         "metadata",
@@ -101,6 +103,8 @@ class Flow:
         self.model = model
         self.stream = stream
         self.raw_body = b""  # the request body as received (a cheap place to look for markers)
+        self.context: Any = None  # the ProxyContext serving this flow (plugins read settings there)
+        self.disabled_plugins: frozenset[str] = frozenset()  # switched off for this session
         self.sessions: SessionStore | None = None  # set by the pipeline
         self._session: Session | None = None
         self.metadata: dict[str, Any] = {}

@@ -217,12 +217,15 @@ class HookChains:
         return [impl.plugin for impl in self.by_hook.get(hook, ())]
 
 
-async def call_chain(impls: list[Impl], stop: Callable[[], bool] | None = None, **kwargs: Any) -> None:
-    """Call each implementation in order, awaiting awaitables; stop early when ``stop()``.
+async def call_chain(impls: list[Impl], stop: Callable[[], bool] | None = None, skip: frozenset[str] = frozenset(), **kwargs: Any) -> None:
+    """Call each implementation in order, awaiting awaitables; stop early when ``stop()``;
+    leave out the plugins named in ``skip`` (switched off for the flow's session).
 
     Exceptions propagate with the plugin's name attached as ``error.llmproxy_plugin``.
     """
     for impl in impls:
+        if impl.plugin in skip:
+            continue
         try:
             result = impl.function(*[kwargs[a] for a in impl.argnames])
             if inspect.isawaitable(result):
@@ -238,9 +241,11 @@ async def call_chain(impls: list[Impl], stop: Callable[[], bool] | None = None, 
             return
 
 
-async def call_chain_logged(impls: list[Impl], **kwargs: Any) -> None:
+async def call_chain_logged(impls: list[Impl], skip: frozenset[str] = frozenset(), **kwargs: Any) -> None:
     """Like :func:`call_chain`, but a failing implementation is logged and skipped."""
     for impl in impls:
+        if impl.plugin in skip:
+            continue
         try:
             result = impl.function(*[kwargs[a] for a in impl.argnames])
             if inspect.isawaitable(result):

@@ -88,6 +88,9 @@ async def handle(request: web.Request, codec: Codec, inject: dict[str, Any] | No
         flow.raw_request = await read_json(request)
         flow.raw_body = await request.read()  # aiohttp keeps the bytes it read: no copy
         flow.sessions = ctx.sessions
+        flow.context = ctx
+        if ctx.sessions.plugin_switches:
+            flow.disabled_plugins = flow.session.disabled_plugins()
         if inject:
             flow.raw_request.update(inject)
         flow.model, flow.stream = codec.peek(flow.raw_request)
@@ -117,7 +120,7 @@ async def handle(request: web.Request, codec: Codec, inject: dict[str, Any] | No
 async def _run(flow: Flow, ctx: ProxyContext, writer: "_Writer") -> None:
     chains = ctx.chains
     if chains.request:
-        await call_chain(chains.request, stop=lambda: flow.has_response, flow=flow)
+        await call_chain(chains.request, stop=lambda: flow.has_response, skip=flow.disabled_plugins, flow=flow)
     if flow.stream:
         processors = _stream_processors(flow, ctx) if chains.stream_start else []
         if flow.has_response:
@@ -148,7 +151,7 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "_Writer") -> None:
             else:
                 flow.response = upstream_codec.decode_response(data)
     if chains.response:
-        await call_chain(chains.response, flow=flow)
+        await call_chain(chains.response, skip=flow.disabled_plugins, flow=flow)
     if flow.response_pending and raw is not None:
         await writer.json(raw, raw=True)
         return
@@ -160,6 +163,8 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "_Writer") -> None:
 def _stream_processors(flow: Flow, ctx: ProxyContext) -> list[tuple[str, Any]]:
     processors = []
     for impl in ctx.chains.stream_start:
+        if impl.plugin in flow.disabled_plugins:
+            continue
         try:
             processor = impl.function(*[flow for _ in impl.argnames])
         except Exception as error:
@@ -194,7 +199,7 @@ async def _fail(flow: Flow, ctx: ProxyContext, writer: "_Writer", error: ProxyEr
     refused = None if writer.started else flow.response
     flow.error = error
     if ctx.chains.error:
-        await call_chain_logged(ctx.chains.error, flow=flow)
+        await call_chain_logged(ctx.chains.error, skip=flow.disabled_plugins, flow=flow)
     if writer.started:
         flow.error = flow.error or error
         await writer.stream_error(flow.error)
@@ -213,7 +218,7 @@ async def _fail(flow: Flow, ctx: ProxyContext, writer: "_Writer", error: ProxyEr
 async def _done(flow: Flow, ctx: ProxyContext) -> None:
     flow.ended = time.monotonic()
     if ctx.chains.flow_done:
-        await call_chain_logged(ctx.chains.flow_done, flow=flow)
+        await call_chain_logged(ctx.chains.flow_done, skip=flow.disabled_plugins, flow=flow)
     if log.isEnabledFor(logging.INFO):
         target = flow.target.label if flow.target else "-"
         outcome = f"{flow.status}" + (f" {flow.error.message}" if flow.error else "")

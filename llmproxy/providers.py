@@ -249,7 +249,7 @@ class HTTPProvider(Provider):
         upstream = UpstreamRequest("POST", url or self.url(target, stream), self.headers(key, flow), body)
         chain = self.context.chains.upstream_request
         if chain:
-            await call_chain(chain, flow=flow, upstream=upstream)
+            await call_chain(chain, skip=flow.disabled_plugins, flow=flow, upstream=upstream)
         attempt = Attempt(backend=self.name, model=target.model, key_name=key_name)
         flow.attempts.append(attempt)
         try:

@@ -47,6 +47,9 @@ class Session:
     oneoff: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
 
+    def disabled_plugins(self) -> frozenset[str]:
+        return frozenset(k[7:] for k, v in self.settings.items() if k.startswith("plugin.") and not v)
+
     def plugin_enabled(self, plugin: str, default: bool = True) -> bool:
         """Whether ``plugin`` is on for this session (``!/set(plugin.NAME=off)`` turns it off)."""
         value = self.settings.get(f"plugin.{plugin}")
@@ -69,6 +72,14 @@ class SessionStore:
         self.ttl = ttl
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        # Set once any session switches a plugin: only then does every flow look up its
+        # session to know which plugins to leave out.
+        self.plugin_switches = False
+
+    def switch_plugin(self, session: Session, plugin: str, on: bool) -> None:
+        """Turn ``plugin`` on or off for ``session`` (its hooks are skipped for its flows)."""
+        session.settings[f"plugin.{plugin}"] = on
+        self.plugin_switches = True
 
     def for_flow(self, flow: "Flow") -> Session:
         key, source = identify(flow)
