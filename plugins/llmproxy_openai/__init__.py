@@ -35,6 +35,16 @@ class OpenAIProvider(HTTPProvider):
     capabilities = Capabilities(reasoning=True, max_context=400_000)
     endpoints = frozenset(("embeddings", "completions", "images/generations"))
 
+    # OpenAI's own API refuses max_tokens for reasoning models (gpt-5, o-series) and wants
+    # max_completion_tokens; compatible servers mostly know only max_tokens.
+    max_tokens_field = "max_completion_tokens"
+
+    def body(self, flow: Flow, target: Any, stream: bool, passthrough: bool) -> dict[str, Any]:
+        body = super().body(flow, target, stream, passthrough)
+        if flow.frontend != self.protocol and "max_tokens" in body and self.max_tokens_field != "max_tokens":
+            body[self.max_tokens_field] = body.pop("max_tokens")
+        return body
+
     def headers(self, key: str | None, flow: Flow) -> dict[str, str]:
         headers = super().headers(key, flow)
         settings: Any = self.settings
@@ -75,7 +85,8 @@ class AzureOpenAIProvider(OpenAIProvider):
 
 def preset(name: str, base_url: str, capabilities: Capabilities = Capabilities()) -> type[OpenAIProvider]:
     """An OpenAI-compatible provider that differs only in its defaults."""
-    return type(f"{name.title().replace('-', '')}Provider", (OpenAIProvider,), {"default_base_url": base_url, "capabilities": capabilities})
+    attributes = {"default_base_url": base_url, "capabilities": capabilities, "max_tokens_field": "max_tokens"}
+    return type(f"{name.title().replace('-', '')}Provider", (OpenAIProvider,), attributes)
 
 
 PRESETS: dict[str, type[OpenAIProvider]] = {
