@@ -177,6 +177,7 @@ def plugins_cmd(ctx: click.Context, as_json: bool) -> None:
         return
     for plugin in info["plugins"]:
         extra = f"  providers: {', '.join(plugin['providers'])}" if plugin["providers"] else ""
+        extra += f"  commands: {', '.join('!/' + c for c in plugin['commands'])}" if plugin["commands"] else ""
         click.echo(f"{plugin['name']:<20} {plugin['version']:<10} {plugin['origin']:<28} hooks: {', '.join(plugin['hooks']) or '-'}{extra}")
     click.echo("\nchains (run order):")
     for hook, order in info["chains"].items():

@@ -266,6 +266,7 @@ def describe(host: PluginHost) -> dict[str, Any]:
                 "module": info.module,
                 "hooks": host.hooks_of(info.name),
                 "providers": info.providers,
+                "commands": sorted(c.name for c in host.commands.values() if c.plugin == info.name),
                 "settings": info.settings_model.__name__ if info.settings_model else None,
             }
             for info in host.plugins.values()
