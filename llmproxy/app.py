@@ -19,7 +19,8 @@ from .context import CONTEXT, ProxyContext
 from .errors import ProxyError
 from .manager import PluginHost
 from . import endpoints
-from .frontends import add_routes
+from .codecs.base import Codec
+from .frontends import add_routes, error_response
 
 log = logging.getLogger("llmproxy")
 
@@ -37,16 +38,43 @@ async def root(request: web.Request) -> web.Response:
     return web.Response(body=dumps(body), content_type="application/json")
 
 
-async def not_found(request: web.Request) -> web.Response:
-    return _error(ProxyError(404, f"no such endpoint: {request.method} {request.path}"))
+def codec_for_path(path: str) -> Codec:
+    """The protocol a route speaks, for errors raised before (or outside) its handler."""
+    if path.startswith(("/v1/messages", "/anthropic")):
+        return get_codec("anthropic")
+    if path.startswith("/v1beta") or ":" in path.rsplit("/", 1)[-1]:
+        return get_codec("gemini")
+    if path.startswith(("/v1/responses", "/responses")):
+        return get_codec("openai_responses")
+    return OPENAI_CHAT
 
 
-def _error(error: ProxyError) -> web.Response:
-    return web.Response(body=dumps(OPENAI_CHAT.error_body(error)), status=error.status, content_type="application/json")
+@web.middleware
+async def protocol_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Whatever goes wrong outside a flow — no route, wrong method, a bug — reaches the
+    client as an error of the route's own protocol, never aiohttp's text page or a traceback."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        if error.status == 405:
+            allowed = ", ".join(sorted(getattr(error, "allowed_methods", ()) or ()))
+            problem = ProxyError(405, f"{request.method} is not allowed on {request.path} (allowed: {allowed})", headers={"Allow": allowed})
+        elif error.status == 404:
+            problem = ProxyError(404, f"no such endpoint: {request.method} {request.path}")
+        else:
+            problem = ProxyError(error.status, error.reason or "request refused")
+        return error_response(codec_for_path(request.path), problem)
+    except ProxyError as error:
+        return error_response(codec_for_path(request.path), error)
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return error_response(codec_for_path(request.path), ProxyError(500, "internal error; see the proxy log"))
 
 
 def create_app(ctx: ProxyContext) -> web.Application:
-    app = web.Application(client_max_size=ctx.config.proxy.max_body_bytes)
+    app = web.Application(client_max_size=ctx.config.proxy.max_body_bytes, middlewares=[protocol_errors])
     app[CONTEXT] = ctx
     ctx.state["client_keys"] = _client_keys(ctx.config)
 
@@ -61,7 +89,6 @@ def create_app(ctx: ProxyContext) -> web.Application:
     endpoints.add_routes(app)
     routes.add_get("/healthz", healthz)
     routes.add_get("/", root)  # also answers HEAD
-    routes.add_route("*", "/{tail:.*}", not_found)
     return app
 
 

@@ -12,6 +12,8 @@ protocol puts them back untouched; a codec for another protocol ignores them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -286,3 +288,43 @@ def response_events(response: Response) -> list[StreamEvent]:
     events.append(StreamEvent(EventKind.USAGE, usage=response.usage))
     events.append(StreamEvent(EventKind.STOP, stop_reason=response.stop_reason or "end_turn", usage=response.usage))
     return events
+
+
+def fingerprint(request: Request) -> str:
+    """A stable hash of what a conversation says: the text of user and assistant turns, tool
+    calls (name and arguments, JSON key order ignored), tool results and images — in order.
+
+    Left out, because clients vary them between runs of the same conversation or between
+    protocols: the system prompt and system/developer turns, sampling parameters, the
+    offered tools, ids, reasoning, and how turns are split into messages and parts. Two
+    requests with the same fingerprint ask the model the same thing (for replay, caches,
+    loop detection).
+    """
+    items: list[list[Any]] = []
+    for message in request.messages:
+        if message.role in ("system", "developer"):
+            continue
+        side = "assistant" if message.role == "assistant" else "user"
+        for part in message.parts:
+            if isinstance(part, TextPart):
+                text = part.text.strip()
+                if not text:
+                    continue
+                if items and items[-1][0] == "text" and items[-1][1] == side:
+                    items[-1][2] += "\n" + text
+                else:
+                    items.append(["text", side, text])
+            elif isinstance(part, ToolCallPart):
+                try:
+                    arguments = json.dumps(json.loads(part.arguments or "{}"), sort_keys=True, separators=(",", ":"))
+                except ValueError:
+                    arguments = part.arguments.strip()
+                items.append(["call", part.name, arguments])
+            elif isinstance(part, ToolResultPart):
+                result = "".join(p.text for p in part.content if isinstance(p, TextPart)).strip()
+                items.append(["result", result])
+            elif isinstance(part, ImagePart):
+                source = part.url or hashlib.sha256((part.data or "").encode()).hexdigest()
+                items.append(["image", source])
+    data = json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode()
+    return hashlib.sha256(data).hexdigest()

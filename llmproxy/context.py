@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .codecs import get_codec
+from .codecs.base import loads
 from .config import Config
+from .errors import ProxyError
 from .manager import HookChains, PluginHost, call_chain, call_chain_logged
 from .providers import Provider
+from .redact import DEFAULT_PATTERNS, Pattern, Redactor, proxy_secrets
 from .router import Router
 from .sessions import SessionStore
+
+if TYPE_CHECKING:
+    from .canonical import Response
+    from .flow import Flow
 
 log = logging.getLogger("llmproxy")
 
@@ -34,11 +42,57 @@ class ProxyContext:
         self.state: dict[str, Any] = {}  # for plugins: keep per-proxy state under your name
         self.sessions = SessionStore(config.proxy.session_ttl, config.proxy.max_sessions)
         self.inflight: set[asyncio.Task[Any]] = set()  # requests being served, for the shutdown drain
+        self._secrets: dict[str, tuple[tuple[str, ...], tuple[Pattern, ...]]] = {}
+        self._redactor: Redactor | None = None
 
     def settings(self, plugin: str) -> Any:
         """``plugin``'s validated settings (an instance of its settings model), or None."""
         info = self.host.plugins.get(plugin)
         return info.settings if info is not None else None
+
+    async def resend(self, flow: "Flow") -> "Response":
+        """Ask the backend again for ``flow`` and return its complete answer, decoded.
+
+        For hooks that re-ask (an empty answer, an invalid tool call): change
+        ``flow.request`` first, then ``flow.response = await flow.context.resend(flow)``.
+        What is sent is the canonical request (never the client's raw body), routed with
+        failover, through the ``upstream_request`` hooks, recorded as a new entry in
+        ``flow.attempts``. The answer is never streamed; a stream processor raises
+        :class:`~llmproxy.errors.RetryStream` instead. Backend failures raise ProxyError.
+        """
+        from .pipeline import _dispatch  # the pipeline imports this module
+
+        flow.request  # noqa: B018 - decode it: the raw body may not say what the hooks changed
+        reply = await _dispatch(flow, self, None)
+        if reply.response is not None:
+            return reply.response
+        try:
+            data = loads(reply.body or b"")
+        except ValueError:
+            backend = flow.target.backend if flow.target is not None else "?"
+            raise ProxyError(502, f"backend {backend!r} sent a body that is not JSON") from None
+        return get_codec(reply.protocol).decode_response(data)
+
+    def add_secrets(self, owner: str, values: Any = (), patterns: Any = ()) -> None:
+        """Have :attr:`redactor` also mask ``values`` (literal strings) and ``patterns``
+        (:class:`llmproxy.redact.Pattern`). Calling again for the same ``owner`` (a plugin
+        name) replaces what it added before, so ``configure`` can call it on every reload."""
+        self._secrets[owner] = (tuple(values), tuple(patterns))
+        self._redactor = None
+
+    @property
+    def redactor(self) -> Redactor:
+        """Masks what must never reach a log or a capture: every backend's and client's key,
+        what plugins added with :meth:`add_secrets`, and the common key formats
+        (``llmproxy.redact.DEFAULT_PATTERNS``). Built on first use, after start-up."""
+        if self._redactor is None:
+            values = list(proxy_secrets(self))
+            patterns = list(DEFAULT_PATTERNS)
+            for added, more in self._secrets.values():
+                values.extend(added)
+                patterns.extend(more)
+            self._redactor = Redactor(values, patterns)
+        return self._redactor
 
     async def start(self) -> None:
         for impl in self.chains.by_hook["configure"]:

@@ -31,10 +31,12 @@ async def forward(request: web.Request, endpoint: str) -> web.StreamResponse:
     """Serve ``/v1/<endpoint>`` through the backend the body's model routes to."""
     ctx = request.app[CONTEXT]
     flow = Flow(f"openai_{endpoint.split('/')[0]}", {}, "", False)
+    flow.context = ctx
     response: web.StreamResponse | None = None
     try:
         flow.client = authenticate(request, ctx)
         body = await read_json(request)
+        flow.raw_body = await request.read()  # aiohttp keeps the bytes it read: no copy
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise bad_request("'model' is required and must be a non-empty string", "model")

@@ -67,3 +67,20 @@ class ProxyError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> ProxyError:
     return ProxyError(400, message, param=param)
+
+
+class RetryStream(Exception):
+    """Raised by a stream processor to have the backend asked again, before anything of the
+    answer has reached the client (an empty answer, say, or one to re-ask with a hint).
+
+    llmproxy closes the current upstream, calls ``stream_start`` again for fresh processors
+    (``flow.metadata`` is where a plugin remembers that it already retried) and streams the
+    backend's new answer to ``flow.request`` as it is by then — change the request before
+    raising. A processor must hold every event until it knows: raised after events were
+    written to the client, or more than :data:`MAX_STREAM_RETRIES` times in one flow, it
+    fails the flow like any other exception from a processor.
+    """
+
+
+MAX_STREAM_RETRIES = 2
+"""How many times one flow's stream may be asked for again (see :class:`RetryStream`)."""

@@ -46,7 +46,14 @@ class UpstreamRequest:
 
 @dataclass(slots=True)
 class Attempt:
-    """One try at one target: what was sent, how it ended."""
+    """One try at one target: what was sent, how it ended.
+
+    When the flow records the wire (:meth:`Flow.record_wire`), an HTTP provider also keeps
+    the ``request`` it sent (its headers hold the backend key: mask them before showing
+    them anywhere), the backend's ``response_headers``, and its answer as it arrived:
+    ``response_body`` (a complete answer, or an error's body) or ``response_chunks`` (a
+    stream's reads, each ``(time.monotonic(), bytes)``).
+    """
 
     backend: str
     model: str
@@ -55,6 +62,10 @@ class Attempt:
     status: int | None = None
     error: str | None = None
     key_name: str | None = None
+    request: UpstreamRequest | None = field(default=None, repr=False)
+    response_headers: dict[str, str] | None = field(default=None, repr=False)
+    response_body: bytes | None = field(default=None, repr=False)
+    response_chunks: list[tuple[float, bytes]] | None = field(default=None, repr=False)
 
 
 class Flow:
@@ -81,6 +92,7 @@ class Flow:
         "first_token_at",
         "ended",
         "status",
+        "sent",
         "_request",
         "_request_decoder",
         "_response",
@@ -116,6 +128,9 @@ class Flow:
         self.first_token_at: float | None = None
         self.ended: float | None = None
         self.status: int | None = None
+        # What was written to the client, ``(time.monotonic(), bytes)`` per write, when
+        # recording (see record_wire); None otherwise, which costs nothing.
+        self.sent: list[tuple[float, bytes]] | None = None
         self._request: Request | None = None
         self._request_decoder = request_decoder
         self._response: Response | None = None
@@ -129,7 +144,12 @@ class Flow:
             if self._request_decoder is None:
                 # embeddings, legacy completions, images: forwarded as they are
                 raise ProxyError(400, f"{self.frontend} requests have no canonical chat request", code="not_a_chat_request")
-            self._request = self._request_decoder(self.raw_request)
+            try:
+                self._request = self._request_decoder(self.raw_request)
+            except (TypeError, AttributeError, KeyError, ValueError) as error:
+                # The codecs name the field for the mistakes clients make; anything else of
+                # the wrong shape is still the client's 400, never our 500.
+                raise ProxyError(400, f"the request body does not have the shape the {self.frontend} API expects ({type(error).__name__}: {error})") from None
             self._request.model = self.model
         return self._request
 
@@ -181,6 +201,19 @@ class Flow:
     @property
     def has_response(self) -> bool:
         return self._response is not None or self._response_decoder is not None
+
+    def record_wire(self) -> None:
+        """Keep this flow's raw bytes, for captures: each HTTP attempt's request and answer on
+        ``flow.attempts`` (see :class:`Attempt`) and every write to the client in
+        ``flow.sent``. Call it from ``request`` (before a backend is called); flows nobody
+        records pay nothing."""
+        if self.sent is None:
+            self.sent = []
+
+    @property
+    def recording(self) -> bool:
+        """True when :meth:`record_wire` was called for this flow."""
+        return self.sent is not None
 
     def note(self, plugin: str, what: str, **details: Any) -> None:
         """Record that ``plugin`` did ``what`` to this flow (shown in captures and the UI)."""

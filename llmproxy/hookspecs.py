@@ -146,13 +146,17 @@ def upstream_request(flow: "Flow", upstream: "UpstreamRequest") -> None:
 @hookspec
 def response(flow: "Flow") -> Any:
     """A complete, non-streamed answer is in ``flow.response``. *May be async.* Change or
-    replace it, or raise ``ProxyError`` to send the client an error instead."""
+    replace it, or raise ``ProxyError`` to send the client an error instead. To ask the
+    backend again (say, with a hint added to ``flow.request``), use
+    ``flow.response = await flow.context.resend(flow)``."""
 
 
 @hookspec
 def stream_start(flow: "Flow") -> Optional[StreamProcessor]:
     """A streamed answer is about to begin. Return a stream processor for this stream, or
-    None. Called once per stream, before the backend is called, so the request is final."""
+    None. Called once per stream, before the backend is called, so the request is final.
+    A processor that raises ``llmproxy.errors.RetryStream`` before anything reached the
+    client has the backend asked again; this hook is then called again for the new stream."""
 
 
 @hookspec

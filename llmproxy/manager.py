@@ -104,6 +104,12 @@ class PluginHost:
             except pluggy.PluginValidationError as error:
                 raise PluginLoadError(f"plugin {name!r} ({where}): {error}") from error
             self.plugins[name] = PluginInfo(name, origin, version, where, obj)
+        for hook in FLOW_HOOKS + ("configure", "startup", "shutdown"):
+            for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                if impl.hookwrapper or impl.wrapper:
+                    # chains are called one implementation at a time so async hooks see
+                    # each other's changes; a wrapper cannot take part in that
+                    raise PluginLoadError(f"plugin {impl.plugin_name!r}: {hook} is a wrapper; llmproxy's flow hooks take plain implementations")
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as error:
@@ -168,6 +174,12 @@ class PluginHost:
                 if section:
                     problems.append(f"{config.where('plugins.' + info.name)}plugins.{info.name}: this plugin takes no settings (only enabled: true/false)")
                 continue
+            unknown = [k for k in section if k not in info.settings_model.model_fields]
+            if unknown and info.settings_model.model_config.get("extra") != "allow":
+                # a model that ignores extra keys would hide a misspelled setting
+                for key in unknown:
+                    problems.append(f"{config.where(f'plugins.{info.name}.{key}')}plugins.{info.name}.{key}: unknown key")
+                continue
             try:
                 info.settings = info.settings_model.model_validate(section)
             except ValidationError as error:
@@ -204,7 +216,7 @@ class HookChains:
         self.by_hook: dict[str, list[Impl]] = {}
         for name in FLOW_HOOKS + ("configure", "startup", "shutdown"):
             caller = getattr(pm.hook, name)
-            impls = [Impl(i.plugin_name, i.function, tuple(i.argnames)) for i in reversed(caller.get_hookimpls()) if not i.hookwrapper and not i.wrapper]
+            impls = [Impl(i.plugin_name, i.function, tuple(i.argnames)) for i in reversed(caller.get_hookimpls())]
             self.by_hook[name] = impls
         self.request = self.by_hook["request"]
         self.upstream_request = self.by_hook["upstream_request"]

@@ -19,7 +19,7 @@ from .canonical import EventKind, ResponseBuilder, StreamEvent, response_events
 from .codecs import get_codec
 from .codecs.base import Codec, complete_frames_end, dumps, loads
 from .context import CONTEXT, ProxyContext
-from .errors import ProxyError
+from .errors import MAX_STREAM_RETRIES, ProxyError, RetryStream
 from .flow import ClientInfo, Flow
 from .manager import call_chain, call_chain_logged
 from .providers import UpstreamReply, UpstreamStream
@@ -82,13 +82,13 @@ async def handle(request: web.Request, codec: Codec, inject: dict[str, Any] | No
         ctx.inflight.add(task)
         task.add_done_callback(ctx.inflight.discard)
     flow = Flow(codec.protocol, {}, "", False, request_decoder=codec.decode_request)
+    flow.context = ctx  # set first: flow_done sees refused flows (bad key, bad JSON) too
     writer = _Writer(request, codec, flow)
     try:
         flow.client = authenticate(request, ctx)
         flow.raw_request = await read_json(request)
         flow.raw_body = await request.read()  # aiohttp keeps the bytes it read: no copy
         flow.sessions = ctx.sessions
-        flow.context = ctx
         if ctx.sessions.plugin_switches:
             flow.disabled_plugins = flow.session.disabled_plugins()
         if inject:
@@ -126,11 +126,19 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "_Writer") -> None:
         if flow.has_response:
             await writer.stream_events(_once(response_events(flow.response)), processors)  # type: ignore[arg-type]
             return
-        upstream = await _dispatch(flow, ctx, processors)
-        try:
-            await writer.relay(upstream, processors)
-        finally:
-            await upstream.close()
+        for retry in range(MAX_STREAM_RETRIES + 1):
+            upstream = await _dispatch(flow, ctx, processors)
+            try:
+                await writer.relay(upstream, processors)
+                return
+            except RetryStream:
+                # A processor wants the backend asked again; only while nothing reached the client.
+                if flow.first_token_at is not None or retry == MAX_STREAM_RETRIES:
+                    raise
+                log.info("flow %s: a stream processor asked for the answer again", flow.id)
+            finally:
+                await upstream.close()
+            processors = _stream_processors(flow, ctx) if chains.stream_start else []
         return
     raw: bytes | None = None
     if not flow.has_response:
@@ -290,6 +298,8 @@ class _Writer:
         await response.write_eof()
         self.response = response
         self.flow.status = status
+        if self.flow.sent is not None:
+            self.flow.sent.append((time.monotonic(), body))
         self.flow.first_token_at = self.flow.first_token_at or time.monotonic()
 
     async def error(self, error: ProxyError) -> None:
@@ -308,6 +318,8 @@ class _Writer:
             data = self.encoder.encode([StreamEvent(EventKind.ERROR, error=error)])
         else:
             data = self.codec.error_event(error)
+        if self.flow.sent is not None:
+            self.flow.sent.append((time.monotonic(), data))
         try:
             await self.response.write(data)
             await self.response.write_eof()
@@ -347,10 +359,11 @@ class _Writer:
     async def _passthrough(self, upstream: UpstreamStream) -> None:
         """Same protocol, nobody watching the events: forward whole frames as they arrive."""
         flow = self.flow
-        response = await self._begin()
+        response = self.response if self.started else await self._begin()  # begun: a retried stream
         received: list[bytes] = []
         pending = b""
         protocol = upstream.protocol
+        sent = flow.sent
         async for chunk in upstream.chunks:  # type: ignore[union-attr]
             received.append(chunk)
             pending += chunk
@@ -358,10 +371,15 @@ class _Writer:
             if end:
                 if flow.first_token_at is None:
                     flow.first_token_at = time.monotonic()
+                if sent is not None:
+                    sent.append((time.monotonic(), pending[:end]))
                 await response.write(pending[:end])
                 pending = pending[end:]
         if pending.strip():
-            await response.write(pending if pending.endswith(b"\n\n") else pending + b"\n\n")
+            tail_frame = pending if pending.endswith(b"\n\n") else pending + b"\n\n"
+            if sent is not None:
+                sent.append((time.monotonic(), tail_frame))
+            await response.write(tail_frame)
         tail = b"".join(chunk[-80:] for chunk in received[-2:])[-80:]
         model = flow.model  # the closure must not hold the flow: a cycle keeps streams alive
         if not get_codec(protocol).stream_complete(tail):
@@ -411,6 +429,8 @@ class _Writer:
                     if data:
                         if flow.first_token_at is None:
                             flow.first_token_at = time.monotonic()
+                        if flow.sent is not None:
+                            flow.sent.append((time.monotonic(), data))
                         await response.write(data)
                 if ended:
                     last = events[-1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar
 
@@ -23,6 +24,7 @@ from .config import BackendConfig
 from .errors import ProxyError
 from .flow import Attempt, Flow, UpstreamRequest
 from .manager import call_chain
+from .redact import mask_literals
 
 if TYPE_CHECKING:
     from .context import ProxyContext
@@ -232,11 +234,7 @@ class HTTPProvider(Provider):
     def redact(self, text: str) -> str:
         """``text`` with this backend's keys blanked out: some servers echo the credential
         they were sent in their error messages, which go to the client and the log."""
-        for ref in self.settings.api_keys:
-            value = ref.get()
-            if value and value in text:
-                text = text.replace(value, "[backend key]")
-        return text
+        return mask_literals(text, (ref.get() for ref in self.settings.api_keys), "[backend key]")
 
     # -- the exchange ----------------------------------------------------------------------
     async def _send(
@@ -252,15 +250,22 @@ class HTTPProvider(Provider):
             await call_chain(chain, skip=flow.disabled_plugins, flow=flow, upstream=upstream)
         attempt = Attempt(backend=self.name, model=target.model, key_name=key_name)
         flow.attempts.append(attempt)
+        recording = flow.sent is not None
+        if recording:
+            attempt.request = upstream
         try:
             response = await self.session.request(upstream.method, upstream.url, headers=upstream.headers, data=dumps(upstream.body))
         except asyncio.TimeoutError:
             attempt.error = "timeout"
+            attempt.ended = time.monotonic()
             raise ProxyError(504, f"backend {self.name!r} did not answer in time", kind="timeout_error") from None
         except aiohttp.ClientError as error:
             attempt.error = type(error).__name__
+            attempt.ended = time.monotonic()
             raise ProxyError(502, f"backend {self.name!r} is unreachable: {type(error).__name__}", kind="upstream_unreachable") from None
         attempt.status = response.status
+        if recording:
+            attempt.response_headers = dict(response.headers)
         if response.status >= 400:
             try:
                 payload = await response.read()
@@ -269,6 +274,9 @@ class HTTPProvider(Provider):
             finally:
                 response.release()
             attempt.error = f"HTTP {response.status}"
+            attempt.ended = time.monotonic()
+            if recording:
+                attempt.response_body = payload
             headers = {"Retry-After": response.headers["Retry-After"]} if "Retry-After" in response.headers else None
             raise self.upstream_error(response.status, payload, headers)
         return response
@@ -294,12 +302,14 @@ class HTTPProvider(Provider):
         if endpoint not in self.endpoints:
             return await super().forward(flow, target, endpoint, stream)
         response = await self._send(flow, target, stream, True, url=f"{self.base_url}/{endpoint}", body={**flow.raw_request, "model": target.model})
-        return await (self._stream(response) if stream else self._reply(response))
+        attempt = flow.attempts[-1]
+        return await (self._stream(response, attempt) if stream else self._reply(response, attempt))
 
     async def complete(self, flow: Flow, target: "Target") -> UpstreamReply:
-        return await self._reply(await self._send(flow, target, False, False))
+        response = await self._send(flow, target, False, False)
+        return await self._reply(response, flow.attempts[-1])
 
-    async def _reply(self, response: aiohttp.ClientResponse) -> UpstreamReply:
+    async def _reply(self, response: aiohttp.ClientResponse, attempt: Attempt | None = None) -> UpstreamReply:
         try:
             body = await response.read()
         except asyncio.TimeoutError:
@@ -308,12 +318,18 @@ class HTTPProvider(Provider):
             raise ProxyError(502, f"backend {self.name!r} broke off its answer: {type(error).__name__}") from None
         finally:
             response.release()
+            if attempt is not None:
+                attempt.ended = time.monotonic()
+        if attempt is not None and attempt.request is not None:  # the request is kept only when recording
+            attempt.response_body = body
         return UpstreamReply(self.protocol, body=body)
 
     async def stream(self, flow: Flow, target: "Target", passthrough: bool) -> UpstreamStream:
-        return await self._stream(await self._send(flow, target, True, passthrough))
+        response = await self._send(flow, target, True, passthrough)
+        return await self._stream(response, flow.attempts[-1])
 
-    async def _stream(self, response: aiohttp.ClientResponse) -> UpstreamStream:
+    async def _stream(self, response: aiohttp.ClientResponse, attempt: Attempt | None = None) -> UpstreamStream:
+        recording = attempt is not None and attempt.request is not None  # kept only when recording
         content_type = response.headers.get("content-type", "")
         if "json" in content_type and "event-stream" not in content_type:
             # Some servers ignore stream: true; the pipeline re-streams the full answer.
@@ -321,16 +337,28 @@ class HTTPProvider(Provider):
                 body = await response.read()
             finally:
                 response.release()
+                if attempt is not None:
+                    attempt.ended = time.monotonic()
+            if recording:
+                attempt.response_body = body  # type: ignore[union-attr]
             return UpstreamStream(self.protocol, whole=body)
+        record: list[tuple[float, bytes]] | None = None
+        if recording:
+            record = attempt.response_chunks = []  # type: ignore[union-attr]
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
                 async for chunk in response.content.iter_any():
+                    if record is not None:
+                        record.append((time.monotonic(), chunk))
                     yield chunk
             except asyncio.TimeoutError:
                 raise ProxyError(504, f"backend {self.name!r} went silent mid-stream", kind="timeout_error") from None
             except aiohttp.ClientError as error:
                 raise ProxyError(502, f"backend {self.name!r} broke off the stream: {type(error).__name__}") from None
+            finally:
+                if attempt is not None:
+                    attempt.ended = time.monotonic()
 
         # close(), not release(): dropping the connection is what tells the backend to stop.
         return UpstreamStream(self.protocol, chunks=chunks(), on_close=response.close)

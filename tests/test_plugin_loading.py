@@ -299,3 +299,35 @@ def test_plugins_command_lists_a_configured_plugin_and_its_chain(tmp_path: Path,
     [listed] = [p for p in info["plugins"] if p["name"] == name]
     assert listed["origin"] == "config" and listed["hooks"] == ["request"]
     assert name in info["chains"]["request"]
+
+
+LAX_SETTINGS_PLUGIN = '''
+from pydantic import BaseModel, Field
+from llmproxy import hookimpl
+
+
+class Settings(BaseModel):  # pydantic's default: extra keys are silently ignored
+    word: str = Field("hi", description="A word.")
+
+
+@hookimpl
+def plugin_settings():
+    return Settings
+'''
+
+
+async def test_a_misspelled_setting_is_an_error_even_when_the_model_would_ignore_it(proxy: StartProxy, plugin_module: Callable[[str], str]) -> None:
+    name = plugin_module(LAX_SETTINGS_PLUGIN)
+    with pytest.raises(ConfigError) as raised:
+        await proxy(with_plugins(load=[name], **{name: {"word": "ok", "wrod": "typo"}}))
+    assert f"plugins.{name}.wrod: unknown key" in str(raised.value)
+
+
+async def test_a_wrapper_on_a_flow_hook_stops_startup(proxy: StartProxy) -> None:
+    class Wrapping:
+        @hookimpl(wrapper=True)
+        def request(self, flow: Any) -> Any:
+            return (yield)
+
+    with pytest.raises(PluginLoadError, match="'wrapping': request is a wrapper"):
+        await proxy(OFFLINE, plugins=[("wrapping", Wrapping())])

@@ -31,7 +31,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, dumps, loads, sse_frame
+from .base import SSESplitter, array, dumps, loads, sse_frame, string
 
 PROTOCOL = "anthropic"
 DEFAULT_MAX_TOKENS = 8192
@@ -92,7 +92,7 @@ class AnthropicCodec:
         if not isinstance(messages, list):
             raise bad_request("messages: field required (an array of messages)", "messages")
         for i, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message["role"] not in ("user", "assistant", "system"):
                 raise bad_request(f"messages.{i}.role: must be 'user' or 'assistant'", f"messages.{i}.role")
             if "content" not in message:
                 raise bad_request(f"messages.{i}.content: field required", f"messages.{i}.content")
@@ -122,10 +122,10 @@ class AnthropicCodec:
             for i, block in enumerate(system):
                 if not isinstance(block, dict) or block.get("type") != "text":
                     raise bad_request(f"system.{i}: only text blocks are allowed in system", f"system.{i}")
-                request.system.append(TextPart(block.get("text", ""), extra={k: v for k, v in block.items() if k not in ("type", "text")}))
+                request.system.append(TextPart(string(block.get("text", ""), f"system.{i}.text"), extra={k: v for k, v in block.items() if k not in ("type", "text")}))
         elif system is not None:
             raise bad_request("system: must be a string or an array of text blocks", "system")
-        tools = body.get("tools") or []
+        tools = array(body.get("tools"), "tools")
         other_tools = []
         for i, tool in enumerate(tools):
             if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
@@ -361,7 +361,7 @@ def _decode_image(block: dict[str, Any], where: str) -> ImagePart:
 def _decode_block(block: dict[str, Any], where: str) -> Part | None:
     kind = block.get("type")
     if kind == "text":
-        return TextPart(block.get("text", ""), extra={k: v for k, v in block.items() if k not in ("type", "text")})
+        return TextPart(string(block.get("text", ""), f"{where}.text"), extra={k: v for k, v in block.items() if k not in ("type", "text")})
     if kind == "image":
         return _decode_image(block, where)
     if kind == "tool_use":
@@ -373,7 +373,7 @@ def _decode_block(block: dict[str, Any], where: str) -> Part | None:
             extra={k: v for k, v in block.items() if k not in ("type", "id", "name", "input")},
         )
     if kind == "thinking":
-        return ThinkingPart(text=block.get("thinking", ""), signature=block.get("signature") or None, protocol=PROTOCOL)
+        return ThinkingPart(text=string(block.get("thinking", ""), f"{where}.thinking"), signature=block.get("signature") or None, protocol=PROTOCOL)
     if kind == "redacted_thinking":
         return ThinkingPart(redacted=True, signature=block.get("data"), protocol=PROTOCOL)
     return OpaquePart(PROTOCOL, block)

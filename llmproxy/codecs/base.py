@@ -62,6 +62,22 @@ class Codec(Protocol):
         (False only means "decode it to be sure".)"""
 
 
+def array(value: Any, where: str) -> list[Any]:
+    """``value`` if it is a JSON array (None counts as empty), else a 400 naming ``where``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ProxyError(400, f"{where} must be an array", param=where)
+    return value
+
+
+def string(value: Any, where: str) -> str:
+    """``value`` if it is a string, else a 400 naming ``where`` (text fields of any protocol)."""
+    if isinstance(value, str):
+        return value
+    raise ProxyError(400, f"{where} must be a string", param=where)
+
+
 def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
 

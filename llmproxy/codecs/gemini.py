@@ -33,7 +33,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, dumps, loads, sse_frame
+from .base import SSESplitter, array, dumps, loads, sse_frame, string
 
 PROTOCOL = "gemini"
 SKIP_SIGNATURE = "skip_thought_signature_validator"
@@ -128,7 +128,7 @@ class GeminiCodec:
         if isinstance(system, dict):
             for part in system.get("parts") or ():
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    request.system.append(TextPart(part["text"]))
+                    request.system.append(TextPart(part["text"]))  # a string: checked just above
             request.extra["_system"] = system
         elif isinstance(system, str):
             request.system.append(TextPart(system))
@@ -137,7 +137,7 @@ class GeminiCodec:
             _decode_config(config, request)
             request.extra["_generationConfig"] = config
         other_tools = []
-        for i, tool in enumerate(body.get("tools") or ()):
+        for i, tool in enumerate(array(body.get("tools"), "tools")):
             if not isinstance(tool, dict):
                 raise bad_request(f"tools[{i}] must be an object", f"tools[{i}]")
             tool = _camel(tool, {"function_declarations": "functionDeclarations"})
@@ -415,11 +415,13 @@ def _decode_content(content: dict[str, Any], i: int, names: dict[str, str]) -> l
         extra = {"thoughtSignature": signature} if signature else {}
         if "text" in part:
             if part.get("thought"):
-                parts.append(ThinkingPart(text=part["text"], signature=signature, protocol=PROTOCOL))
+                parts.append(ThinkingPart(text=string(part["text"], f"{where}[{j}].text"), signature=signature, protocol=PROTOCOL))
             else:
-                parts.append(TextPart(part["text"], extra=extra))
+                parts.append(TextPart(string(part["text"], f"{where}[{j}].text"), extra=extra))
         elif "functionCall" in part:
             call = part["functionCall"] or {}
+            if not isinstance(call, dict):
+                raise bad_request(f"{where}[{j}].functionCall must be an object", f"{where}[{j}].functionCall")
             name = call.get("name", "")
             call_id = call.get("id") or _call_id(name)
             names.setdefault(name, call_id)
@@ -442,6 +444,8 @@ def _decode_content(content: dict[str, Any], i: int, names: dict[str, str]) -> l
                                           extra={"_response": payload, "_id": response.get("id")}))
         elif "inlineData" in part:
             data = part["inlineData"] or {}
+            if not isinstance(data, dict):
+                raise bad_request(f"{where}[{j}].inlineData must be an object", f"{where}[{j}].inlineData")
             parts.append(ImagePart(data=data.get("data"), media_type=data.get("mimeType") or data.get("mime_type"), extra=extra))
         elif "fileData" in part:
             data = part["fileData"] or {}

@@ -28,7 +28,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, dumps, loads, sse_frame
+from .base import SSESplitter, array, dumps, loads, sse_frame
 
 PROTOCOL = "openai_chat"
 
@@ -95,7 +95,8 @@ class OpenAIChatCodec:
         for i, message in enumerate(messages):
             if not isinstance(message, dict):
                 raise bad_request(f"messages[{i}] must be an object", f"messages[{i}]")
-            if message.get("role") not in _ROLES:
+            role = message.get("role")
+            if not isinstance(role, str) or role not in _ROLES:
                 raise bad_request(
                     f"messages[{i}].role must be one of {sorted(_ROLES)}, got {message.get('role')!r}",
                     f"messages[{i}].role",
@@ -125,7 +126,7 @@ class OpenAIChatCodec:
             request.reasoning = {"effort": body["reasoning_effort"]}
         if "parallel_tool_calls" in body:
             request.parallel_tool_calls = body["parallel_tool_calls"]
-        request.tools = [_decode_tool(t, i) for i, t in enumerate(body.get("tools") or ())]
+        request.tools = [_decode_tool(t, i) for i, t in enumerate(array(body.get("tools"), "tools"))]
         request.tool_choice = _decode_tool_choice(body.get("tool_choice"))
         request.response_format = _decode_response_format(body.get("response_format"))
 

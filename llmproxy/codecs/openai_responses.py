@@ -35,7 +35,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, dumps, loads, sse_frame
+from .base import SSESplitter, array, dumps, loads, sse_frame, string
 from .openai_chat import image_from_url, image_to_url
 
 PROTOCOL = "openai_responses"
@@ -115,7 +115,7 @@ class OpenAIResponsesCodec:
                 request.response_format = {"type": "json_object"}
             request.extra["_text"] = text
         other_tools = []
-        for i, tool in enumerate(body.get("tools") or ()):
+        for i, tool in enumerate(array(body.get("tools"), "tools")):
             if not isinstance(tool, dict):
                 raise bad_request(f"tools[{i}] must be an object", f"tools[{i}]")
             if tool.get("type") == "function":
@@ -390,7 +390,7 @@ def _decode_content(content: Any, where: str) -> list[Part]:
             raise bad_request(f"{where}[{i}] must be an object", f"{where}[{i}]")
         kind = item.get("type")
         if kind in ("input_text", "output_text", "text"):
-            parts.append(TextPart(item.get("text", ""), extra={k: v for k, v in item.items() if k != "text"}))
+            parts.append(TextPart(string(item.get("text", ""), f"{where}[{i}].text"), extra={k: v for k, v in item.items() if k != "text"}))
         elif kind == "input_image":
             url = item.get("image_url")
             if isinstance(url, str):

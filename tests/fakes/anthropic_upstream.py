@@ -50,6 +50,8 @@ from .common import (
     Received,
     RequestError,
     Tool,
+    arguments_json,
+    arguments_object,
     body_dict,
     estimate_tokens,
     plan,
@@ -130,7 +132,7 @@ class FakeAnthropic(FakeUpstream):
         message = self._message(body, behaviour)
         if not stream:
             return self.send_json(received, message)
-        return await self.send_stream(request, received, behaviour, list(self._events(message)))
+        return await self.send_stream(request, received, behaviour, list(self._events(message, behaviour)))
 
     def error_body(self, status: int, message: str, error_type: str | None, code: str | None, retry_after: str | None) -> Any:
         kind = error_type or ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
@@ -236,6 +238,8 @@ class FakeAnthropic(FakeUpstream):
                 content.append({"type": "thinking", "thinking": behaviour.thinking, "signature": "EqQB" + signature("thinking", seq, behaviour.thinking)})
         for i, (name, arguments, _) in enumerate(decided.calls):
             content.append({"type": "tool_use", "id": f"toolu_fake{seq:04d}x{i}", "name": name, "input": arguments})
+            if behaviour.tool_arguments is not None and not body.get("stream"):
+                content[-1]["input"] = arguments_object(behaviour, arguments)
         if not decided.calls:
             content.append({"type": "text", "text": decided.text or ""})
         stop = "tool_use" if decided.calls else "max_tokens" if behaviour.truncated else "end_turn"
@@ -259,7 +263,7 @@ class FakeAnthropic(FakeUpstream):
             "usage": usage,
         }
 
-    def _events(self, message: dict[str, Any]) -> Any:
+    def _events(self, message: dict[str, Any], behaviour: Behaviour | None = None) -> Any:
         usage = message["usage"]
         start_usage = {**usage, "output_tokens": 1}
         start_message = {**message, "content": [], "stop_reason": None, "stop_sequence": None, "usage": start_usage}
@@ -275,7 +279,7 @@ class FakeAnthropic(FakeUpstream):
                 deltas.append({"type": "signature_delta", "signature": block["signature"]})
             elif kind == "tool_use":
                 start = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
-                pieces = [""] + split_arguments(json.dumps(block["input"]))
+                pieces = [""] + split_arguments(arguments_json(behaviour or Behaviour(), block["input"]))
                 deltas = [{"type": "input_json_delta", "partial_json": piece} for piece in pieces]
             else:  # redacted_thinking arrives whole
                 start, deltas = block, []

@@ -81,6 +81,19 @@ class Behaviour:
     truncated: bool = False
     """Stop as if ``max_tokens`` ran out (``length`` / ``max_tokens`` / ``incomplete`` /
     ``MAX_TOKENS``)."""
+    raw_text: bool = False
+    """Answer exactly ``text``: no tool call even when tools are offered, and no JSON shaping
+    when JSON output is asked for (a model that writes a tool call as prose, or broken JSON)."""
+    tool_arguments: str | None = None
+    """The argument JSON of every tool call, sent as it is (it may be broken) instead of
+    arguments built from the schema. Where the protocol carries arguments as an object
+    (Anthropic non-streamed, Gemini) it must be valid JSON."""
+    shell_command: str | None = None
+    """Tool scenario: the command the shell call runs instead of ``echo hi``; a schema that
+    wants an array (and ``local_shell``) gets ``["bash", "-lc", command]``, as Codex sends."""
+    ignore_results: bool = False
+    """Answer as if the conversation held no tool results yet: with tools offered, call them
+    again every turn with the same arguments (a model stuck in a tool-call loop)."""
 
 
 @dataclass
@@ -170,10 +183,11 @@ def example_value(schema: Any, text: str = DEFAULT_TEXT, key: str = "") -> Any:
     return "echo hi" if key in ("command", "cmd") else text
 
 
-def shell_arguments(schema: Any) -> dict[str, Any]:
-    """Arguments for a shell-like tool that run ``echo hi``: the ``command`` (or ``cmd``)
-    property — a string, or ``["echo", "hi"]`` when the schema wants an array — plus
-    whatever else the schema requires, and nothing optional (so no ``run_in_background``)."""
+def shell_arguments(schema: Any, command: str | None = None) -> dict[str, Any]:
+    """Arguments for a shell-like tool that run ``echo hi`` (or ``command``): the ``command``
+    (or ``cmd``) property — a string, or ``["echo", "hi"]`` (``["bash", "-lc", command]``)
+    when the schema wants an array — plus whatever else the schema requires, and nothing
+    optional (so no ``run_in_background``)."""
     schema = schema if isinstance(schema, dict) else {}
     props = schema.get("properties") or {}
     key = next((k for k in ("command", "cmd") if k in props), None)
@@ -184,8 +198,26 @@ def shell_arguments(schema: Any) -> dict[str, Any]:
         if name != key and name in props:
             args[name] = example_value(props[name], "print hi", name)
     kind = str((props.get(key) or {}).get("type", "string")).lower()
-    args[key] = ["echo", "hi"] if kind == "array" else "echo hi"
+    if command is None:
+        args[key] = ["echo", "hi"] if kind == "array" else "echo hi"
+    else:
+        args[key] = ["bash", "-lc", command] if kind == "array" else command
     return args
+
+
+def local_shell_command(behaviour: Behaviour) -> list[str]:
+    """The ``command`` of a Responses ``local_shell_call`` in the tool scenario."""
+    return ["echo", "hi"] if behaviour.shell_command is None else ["bash", "-lc", behaviour.shell_command]
+
+
+def arguments_json(behaviour: Behaviour, arguments: Any) -> str:
+    """A tool call's argument JSON as sent: ``behaviour.tool_arguments`` when scripted."""
+    return behaviour.tool_arguments if behaviour.tool_arguments is not None else json.dumps(arguments)
+
+
+def arguments_object(behaviour: Behaviour, arguments: Any) -> Any:
+    """A tool call's arguments where the protocol sends an object (see ``tool_arguments``)."""
+    return json.loads(behaviour.tool_arguments) if behaviour.tool_arguments is not None else arguments
 
 
 def split_text(text: str) -> list[str]:
@@ -269,13 +301,17 @@ def plan(
     (:func:`shell_arguments`); otherwise answer text.
     """
     text = behaviour.text
+    if behaviour.raw_text:
+        return Plan(text=text)
+    if behaviour.ignore_results:
+        results = []
     if behaviour.tool_scenario:
         if results:
             text = QUOTE_PREFIX + results[-1].strip()
         elif choice != "none":
             shell = next((t for t in tools if t.name in SHELL_TOOLS or t.kind == "local_shell"), None)
             if shell is not None:
-                return Plan(calls=[(shell.name, shell_arguments(shell.schema), shell)])
+                return Plan(calls=[(shell.name, shell_arguments(shell.schema, behaviour.shell_command), shell)])
     elif tools and not results and choice != "none":
         if choice not in (None, "auto", "required", "any"):
             chosen = [t for t in tools if t.name == choice][:1]
@@ -313,6 +349,8 @@ class FakeUpstream:
         self.requests: list[Received] = []
         self.behaviour = replace(Behaviour(), **behaviour)
         self.by_model: dict[str, Behaviour] = {}
+        self.queued: list[Behaviour] = []
+        """Behaviours for the next requests, one each (see :meth:`script_next`)."""
         self.strict = True
         """Refuse requests the real API refuses (see each fake's ``validate``)."""
         self.url = ""
@@ -367,7 +405,16 @@ class FakeUpstream:
             self.by_model[model] = behaviour
         return behaviour
 
+    def script_next(self, **fields: Any) -> Behaviour:
+        """Answer the next request (any endpoint, whatever its model) with this behaviour; several
+        calls queue up in order. Afterwards :meth:`script`'s behaviours apply again."""
+        behaviour = replace(Behaviour(), **fields)
+        self.queued.append(behaviour)
+        return behaviour
+
     def behaviour_for(self, model: Any) -> Behaviour:
+        if self.queued:
+            return self.queued.pop(0)
         return self.by_model.get(model, self.behaviour) if isinstance(model, str) else self.behaviour
 
     def for_model(self, model: str) -> list[Received]:

@@ -50,6 +50,7 @@ from .common import (
     Received,
     RequestError,
     Tool,
+    arguments_object,
     body_dict,
     estimate_tokens,
     plan,
@@ -313,7 +314,7 @@ class FakeGemini(FakeUpstream):
         if decided.calls:
             parts = []
             for i, (name, arguments, _) in enumerate(decided.calls):
-                part: dict[str, Any] = {"functionCall": {"id": f"{name}_fake{seq:04d}x{i}", "name": name, "args": arguments}}
+                part: dict[str, Any] = {"functionCall": {"id": f"{name}_fake{seq:04d}x{i}", "name": name, "args": arguments_object(behaviour, arguments)}}
                 if i == 0:
                     part["thoughtSignature"] = "CiQB" + signature("gemini", seq, name)
                 parts.append(part)

@@ -52,6 +52,7 @@ from .common import (
     FakeUpstream,
     Received,
     Tool,
+    arguments_json,
     example_value,
     plan,
     split_arguments,
@@ -189,11 +190,11 @@ class FakeOpenAI(FakeUpstream):
             schema = (fmt.get("json_schema") or {}).get("schema") or {"type": "object"}
         decided = plan(behaviour, tools, results, choice, body.get("parallel_tool_calls") is not False, schema)
         for i, (name, arguments, _) in enumerate(decided.calls):
-            answer.tool_calls.append((f"call_fake{seq:04d}x{i}", name, json.dumps(arguments)))
+            answer.tool_calls.append((f"call_fake{seq:04d}x{i}", name, arguments_json(behaviour, arguments)))
         if decided.calls:
             return answer
         answer.text = decided.text
-        if isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        if isinstance(fmt, dict) and fmt.get("type") == "json_object" and not behaviour.raw_text:
             answer.text = json.dumps({"answer": decided.text})
         if body.get("logprobs"):
             answer.top_logprobs = int(body.get("top_logprobs") or 0)

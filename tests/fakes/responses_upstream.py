@@ -49,8 +49,10 @@ from .common import (
     Received,
     RequestError,
     Tool,
+    arguments_json,
     body_dict,
     estimate_tokens,
+    local_shell_command,
     plan,
     signature,
     split_arguments,
@@ -193,7 +195,7 @@ class FakeResponses(FakeUpstream):
             reasoning_tokens = len(split_text(behaviour.thinking))
         for i, (name, arguments, tool) in enumerate(decided.calls):
             if tool.kind == "local_shell":
-                action = {"type": "exec", "command": ["echo", "hi"], "env": {}, "timeout_ms": None, "user": None, "working_directory": None}
+                action = {"type": "exec", "command": local_shell_command(behaviour), "env": {}, "timeout_ms": None, "user": None, "working_directory": None}
                 call = {"id": f"lsh_fake{seq:04d}x{i}", "type": "local_shell_call", "call_id": f"call_fake{seq:04d}x{i}", "action": action}
                 output.append({**call, "status": "completed"})
             else:
@@ -202,14 +204,14 @@ class FakeResponses(FakeUpstream):
                         "id": f"fc_fake{seq:04d}x{i}",
                         "type": "function_call",
                         "status": "completed",
-                        "arguments": json.dumps(arguments),
+                        "arguments": arguments_json(behaviour, arguments),
                         "call_id": f"call_fake{seq:04d}x{i}",
                         "name": name,
                     }
                 )
         if not decided.calls:
             text = decided.text or ""
-            if fmt.get("type") == "json_object":
+            if fmt.get("type") == "json_object" and not behaviour.raw_text:
                 text = json.dumps({"answer": text})
             part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
             output.append({"id": f"msg_fake{seq:06d}", "type": "message", "status": "completed", "content": [part], "role": "assistant"})
