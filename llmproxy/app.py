@@ -76,7 +76,7 @@ async def protocol_errors(request: web.Request, handler: Any) -> web.StreamRespo
 def create_app(ctx: ProxyContext) -> web.Application:
     app = web.Application(client_max_size=ctx.config.proxy.max_body_bytes, middlewares=[protocol_errors])
     app[CONTEXT] = ctx
-    ctx.state["client_keys"] = _client_keys(ctx.config)
+    ctx.client_keys = client_keys(ctx.config)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await ctx.start()
@@ -92,7 +92,7 @@ def create_app(ctx: ProxyContext) -> web.Application:
     return app
 
 
-def _client_keys(config: Config) -> list[tuple[str, bytes]]:
+def client_keys(config: Config) -> list[tuple[str, bytes]]:
     keys = []
     problems = []
     for i, entry in enumerate(config.auth.api_keys):

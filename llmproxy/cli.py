@@ -145,9 +145,12 @@ def validate(ctx: click.Context, config_path: str | None) -> None:
     path = config_path or ctx.obj["config_path"]
     try:
         config, host = _load(path)
-        from .app import check_bind
+        from .app import check_bind, client_keys
+        from .context import ProxyContext
 
         check_bind(config)
+        client_keys(config)
+        asyncio.run(ProxyContext(config, host).configure())  # plugins may refuse their settings
     except (ConfigError, PluginLoadError) as error:
         _fail(error)
         return

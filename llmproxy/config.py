@@ -35,10 +35,11 @@ class ConfigError(Exception):
 class SecretRef:
     """A reference to a secret; ``get()`` resolves it when it is needed, never earlier."""
 
-    __slots__ = ("ref", "kind", "name")
+    __slots__ = ("ref", "kind", "name", "_cached")
 
     def __init__(self, ref: str) -> None:
         self.ref = ref
+        self._cached: str | None = None
         match = _ENV_PATTERN.fullmatch(ref)
         if match and match.group(2) is None:
             self.kind, self.name = "env", match.group(1)
@@ -56,12 +57,15 @@ class SecretRef:
         """The secret's value, or None when the variable or keyring entry is missing."""
         if self.kind == "env":
             return os.environ.get(self.name) or None
-        service, _, user = self.name.partition("/")
-        try:
-            import keyring  # optional: only needed for keyring: references
-        except ImportError:
-            return None
-        return keyring.get_password(service, user)
+        if self._cached is None:
+            # A keyring lookup blocks (it may talk to a desktop service): once, then cached.
+            service, _, user = self.name.partition("/")
+            try:
+                import keyring  # optional: only needed for keyring: references
+            except ImportError:
+                return None
+            self._cached = keyring.get_password(service, user)
+        return self._cached
 
     def describe(self) -> str:
         return f"environment variable {self.name}" if self.kind == "env" else f"keyring entry {self.name}"

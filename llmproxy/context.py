@@ -14,7 +14,7 @@ from aiohttp import web
 
 from .codecs import get_codec
 from .codecs.base import loads
-from .config import Config
+from .config import Config, ConfigError
 from .errors import ProxyError
 from .manager import HookChains, PluginHost, call_chain, call_chain_logged
 from .providers import Provider
@@ -40,6 +40,7 @@ class ProxyContext:
             self.providers[name] = cls(name, cls.Settings.model_validate(section), self)
         self.router = Router(config, self.providers)
         self.state: dict[str, Any] = {}  # for plugins: keep per-proxy state under your name
+        self.client_keys: list[tuple[str, bytes]] = []  # (name, key) pairs, set by the app factory
         self.sessions = SessionStore(config.proxy.session_ttl, config.proxy.max_sessions)
         self.inflight: set[asyncio.Task[Any]] = set()  # requests being served, for the shutdown drain
         self._secrets: dict[str, tuple[tuple[str, ...], tuple[Pattern, ...]]] = {}
@@ -94,13 +95,25 @@ class ProxyContext:
             self._redactor = Redactor(values, patterns)
         return self._redactor
 
-    async def start(self) -> None:
+    async def configure(self) -> None:
+        """Hand every plugin its settings; a plugin that refuses them is a config error."""
         for impl in self.chains.by_hook["configure"]:
             info = self.host.plugins[impl.plugin]
-            await call_chain([impl], settings=info.settings, context=self)
+            try:
+                await call_chain([impl], settings=info.settings, context=self)
+            except Exception as error:  # the plugin's own words, as a config problem
+                raise ConfigError([f"plugins.{impl.plugin}: {error}"], self.config.source) from None
+
+    async def start(self) -> None:
+        await self.configure()
         for provider in self.providers.values():
             await provider.start()
-        await call_chain(self.chains.by_hook["startup"], context=self)
+        for impl in self.chains.by_hook["startup"]:
+            try:
+                await call_chain([impl], context=self)
+            except Exception as error:
+                log.exception("plugin %s failed to start", impl.plugin)
+                raise ConfigError([f"plugins.{impl.plugin}: failed to start: {type(error).__name__}: {error}"], self.config.source) from None
 
     async def stop(self) -> None:
         await call_chain_logged(self.chains.by_hook["shutdown"], context=self)

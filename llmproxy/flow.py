@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from .canonical import Request, Response
 from .errors import ProxyError
@@ -23,15 +23,43 @@ if TYPE_CHECKING:
 _ids = itertools.count(1)
 
 
+CREDENTIAL_HEADERS = frozenset(("authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "api-key", "cookie"))
+
+
+class ClientHeaders(Mapping[str, str]):
+    """The client's request headers, case-insensitive, without its credentials: plugins
+    that log, capture or store headers can never write a client key down."""
+
+    __slots__ = ("_headers",)
+
+    def __init__(self, headers: Mapping[str, str] | None = None) -> None:
+        self._headers = headers if headers is not None else {}
+
+    def __getitem__(self, name: str) -> str:
+        if name.lower() in CREDENTIAL_HEADERS:
+            raise KeyError(name)
+        return self._headers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in self._headers if name.lower() not in CREDENTIAL_HEADERS)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return f"ClientHeaders({dict(self)!r})"
+
+
 @dataclass(slots=True)
 class ClientInfo:
     """Who called: the matched client key's name (None without auth), address, user agent,
-    and the request headers (lower-case names) for plugins that identify sessions or clients."""
+    and the request headers (case-insensitive, credentials left out) for plugins that
+    identify sessions or clients."""
 
     key_name: str | None = None
     address: str | None = None
     user_agent: str = ""
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: ClientHeaders = field(default_factory=ClientHeaders)
 
 
 @dataclass(slots=True)

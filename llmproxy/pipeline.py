@@ -20,7 +20,7 @@ from .codecs import get_codec
 from .codecs.base import Codec, complete_frames_end, dumps, loads
 from .context import CONTEXT, ProxyContext
 from .errors import MAX_STREAM_RETRIES, ProxyError, RetryStream
-from .flow import ClientInfo, Flow
+from .flow import ClientHeaders, ClientInfo, Flow
 from .manager import call_chain, call_chain_logged
 from .providers import UpstreamReply, UpstreamStream
 
@@ -36,8 +36,8 @@ _background: set[asyncio.Task[Any]] = set()
 
 def authenticate(request: web.Request, ctx: ProxyContext) -> ClientInfo:
     headers = request.headers
-    client = ClientInfo(address=request.remote, user_agent=headers.get("User-Agent", ""), headers=headers)  # type: ignore[arg-type]
-    keys = ctx.state["client_keys"]
+    client = ClientInfo(address=request.remote, user_agent=headers.get("User-Agent", ""), headers=ClientHeaders(headers))
+    keys = ctx.client_keys
     if not keys:
         return client
     presented = headers.get("Authorization", "")
@@ -174,7 +174,7 @@ def _stream_processors(flow: Flow, ctx: ProxyContext) -> list[tuple[str, Any]]:
         if impl.plugin in flow.disabled_plugins:
             continue
         try:
-            processor = impl.function(*[flow for _ in impl.argnames])
+            processor = impl.function(*[{"flow": flow}[name] for name in impl.argnames])
         except Exception as error:
             error.llmproxy_plugin = impl.plugin  # type: ignore[attr-defined]
             raise
@@ -306,7 +306,8 @@ class _Writer:
         await self.json(dumps(self.codec.error_body(error)), status=error.status, headers=error.headers or None)
 
     async def _begin(self) -> web.StreamResponse:
-        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        headers = SSE_HEADERS if self.codec.content_type_stream == "text/event-stream" else {**SSE_HEADERS, "Content-Type": self.codec.content_type_stream}
+        response = web.StreamResponse(status=200, headers=headers)
         await response.prepare(self.request)
         self.response = response
         self.started = True

@@ -99,7 +99,7 @@ _START = r"(?<![A-Za-z0-9_\-])"
 _END = r"(?![A-Za-z0-9_\-])"
 # A PEM body: base64, line ends (raw, or escaped as in JSON and reprs), and the header
 # lines of encrypted keys — never a quote, and escapes are consumed whole.
-_PEM_BODY = r"(?:[A-Za-z0-9+/=:,.\- \t\r\n]|\\[nrt])"
+_PEM_BODY = r"(?:[A-Za-z0-9+/=:,.\- \t\r\n]|\\[nrt/])"
 
 DEFAULT_PATTERNS: tuple[Pattern, ...] = (
     pattern(
@@ -159,9 +159,9 @@ class Redactor:
         # A secret as it appears inside JSON text, when escaping changes it (quotes and
         # backslashes; non-ASCII as \\uXXXX; "/" as "\\/", as some encoders write it).
         for secret in list(values):
-            for escaped in (json.dumps(secret, ensure_ascii=False)[1:-1], json.dumps(secret)[1:-1], secret.replace("/", "\\/")):
-                if escaped != secret:
-                    values.add(escaped)
+            for ascii_only in (False, True):
+                escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
+                values.update((escaped, escaped.replace("/", "\\/")))
         # Longest first, so a secret that contains another is masked whole.
         self.secrets: tuple[str, ...] = tuple(sorted(values, key=len, reverse=True))
         self.patterns: tuple[Pattern, ...] = tuple(patterns)

@@ -119,7 +119,7 @@ class SessionStore:
 
 def identify(flow: "Flow") -> tuple[str, str]:
     """(session key, how it was found) for ``flow`` — see the module docstring."""
-    headers = flow.client.headers or {}
+    headers = flow.client.headers
     explicit = headers.get("x-session-id")
     if explicit:
         return f"x-session-id:{explicit}", "x-session-id"

@@ -1,9 +1,13 @@
 """Test kit for plugin authors (a pytest plugin, loaded automatically with llmproxy).
 
-Fixtures:
-- ``make_flow(body, frontend="openai_chat")``: a Flow from a wire body, ready for hooks.
-- ``proxy_server(config, plugins=[...])``: an llmproxy server on a real socket; returns its
-  base URL. ``plugins`` are extra plugin objects registered as if they were installed.
+- ``plugin_context(config, plugins=[(name, plugin)])``: a configured ProxyContext (your
+  plugin's settings validated from ``plugins.<name>`` and handed to its ``configure``),
+  without a server.
+- ``build_flow(body, frontend="openai_chat", context=None)`` (fixture ``make_flow``): a Flow
+  from a wire body, attached to ``context`` when given, ready for your hooks.
+- ``start_proxy(config, plugins=[...])`` (fixture ``proxy_server``): a real llmproxy on a
+  real socket; returns a :class:`RunningProxy` (``.url``, ``.context``, ``.stop()``).
+  ``plugins`` are plugin objects or modules registered as if they were installed.
 
 For a backend, configure the built-in ``offline`` provider (``mode: scripted`` plays the
 replies you list, tool calls included) — a real provider, so the flow is exercised end to end.
@@ -11,12 +15,16 @@ replies you list, tool calls included) — a real provider, so the flow is exerc
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
+
+try:  # async fixtures need pytest-asyncio (the "testing" extra); without it, plain pytest
+    from pytest_asyncio import fixture as async_fixture
+except ImportError:  # pragma: no cover - only without the extra
+    async_fixture = pytest.fixture
 
 from .codecs import get_codec
 from .config import Config, parse_config
@@ -25,10 +33,23 @@ from .flow import Flow
 from .manager import PluginHost
 
 
-def build_flow(body: dict[str, Any], frontend: str = "openai_chat") -> Flow:
+async def plugin_context(config: Config | dict[str, Any], plugins: list[tuple[str, Any]] | None = None, entry_points: bool = True) -> ProxyContext:
+    """A ProxyContext for ``config`` with ``plugins`` registered and configured."""
+    if isinstance(config, dict):
+        config = parse_config(config, "<test>")
+    context = ProxyContext(config, PluginHost(config, entry_points=entry_points, extra=plugins or ()))
+    await context.configure()
+    return context
+
+
+def build_flow(body: dict[str, Any], frontend: str = "openai_chat", context: ProxyContext | None = None) -> Flow:
     codec = get_codec(frontend)
     model, stream = codec.peek(body)
-    return Flow(frontend, body, model, stream, request_decoder=codec.decode_request)
+    flow = Flow(frontend, body, model, stream, request_decoder=codec.decode_request)
+    if context is not None:
+        flow.context = context
+        flow.sessions = context.sessions
+    return flow
 
 
 @pytest.fixture
@@ -64,7 +85,7 @@ async def start_proxy(config: Config | dict[str, Any], plugins: list[tuple[str, 
     return RunningProxy(f"http://127.0.0.1:{port}", ctx, runner)
 
 
-@pytest.fixture
+@async_fixture
 async def proxy_server() -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]:
     started: list[RunningProxy] = []
 
@@ -93,4 +114,4 @@ async def start_app(app: web.Application) -> tuple[str, web.AppRunner]:
     return f"http://127.0.0.1:{port}", runner
 
 
-__all__ = ["RunningProxy", "build_flow", "free_port", "start_app", "start_proxy", "asyncio"]
+__all__ = ["RunningProxy", "build_flow", "free_port", "plugin_context", "start_app", "start_proxy"]

@@ -69,6 +69,7 @@ class AzureOpenAIProvider(OpenAIProvider):
     """Azure OpenAI: ``base_url`` is the resource endpoint, the model picks a deployment."""
 
     Settings = AzureSettings
+    endpoints = frozenset()  # Azure's other endpoints sit under per-deployment paths too
 
     def headers(self, key: str | None, flow: Flow) -> dict[str, str]:
         headers = {"content-type": "application/json"}
