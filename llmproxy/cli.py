@@ -21,8 +21,8 @@ def _load(config_path: str | None) -> tuple[Config, PluginHost]:
         config = load_config(config_path)
         return config, PluginHost(config)
     # The default config depends on which provider types are installed.
-    probe = PluginHost(default_config(frozenset()))
-    config = default_config(frozenset(probe.provider_types))
+    probe = PluginHost(default_config())
+    config = default_config(probe.env_keys())
     return config, PluginHost(config)
 
 
@@ -55,7 +55,7 @@ class PluginCommands(click.Group):
         self._plugins_loaded = True
         path = ctx.params.get("config_path") or _config_from_argv() or os.environ.get("LLMPROXY_CONFIG")
         try:
-            config = load_config(path) if path else default_config(frozenset())
+            config = load_config(path) if path else default_config()
             host = PluginHost(config, check_settings=False)
         except (ConfigError, PluginLoadError) as error:
             click.echo(f"warning: plugin commands unavailable: {error}", err=True)

@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -359,23 +359,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(data, str(file), text)
 
 
-# Keys whose presence in the environment adds a backend to the default config. Only types a
-# loaded provider plugin offers are added, so the core names no provider itself.
-ENV_BACKENDS: dict[str, dict[str, Any]] = {
-    "openai": {"type": "openai", "api_keys": ["${OPENAI_API_KEY}"]},
-    "anthropic": {"type": "anthropic", "api_keys": ["${ANTHROPIC_API_KEY}"]},
-    "gemini": {"type": "gemini", "api_keys": ["${GEMINI_API_KEY}"]},
-    "openrouter": {"type": "openrouter", "api_keys": ["${OPENROUTER_API_KEY}"]},
-}
-
-
-def default_config(provider_types: set[str] | frozenset[str] = frozenset(), environ: dict[str, str] | None = None) -> Config:
-    """The config used when no file is given: the offline backend (default), plus every real
-    backend whose key is in the environment and whose provider type is available."""
+def default_config(env_keys: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """The config used when no file is given: the offline backend (default), plus a backend
+    for every installed provider type whose key variable is set — ``env_keys`` maps provider
+    types to those variables (each provider declares its own ``env_key``)."""
     env = os.environ if environ is None else environ
     backends: dict[str, dict[str, Any]] = {"offline": {"type": "offline"}}
-    for name, section in ENV_BACKENDS.items():
-        variable = section["api_keys"][0][2:-1]
-        if env.get(variable) and section["type"] in provider_types:
-            backends[name] = dict(section)
+    for type_name, variable in (env_keys or {}).items():
+        if env.get(variable) and type_name not in backends:
+            backends[type_name] = {"type": type_name, "api_keys": [f"${{{variable}}}"]}
     return parse_config({"backends": backends, "default_backend": "offline"}, "<built-in defaults>")

@@ -105,15 +105,19 @@ def plugin_settings() -> Optional[type["BaseModel"]]:
 @hookspec
 def configure(settings: Optional["BaseModel"], context: "ProxyContext") -> None:
     """Receive this plugin's validated settings (an instance of its ``plugin_settings``
-    model, or None when it has none) and the proxy context. Called at start-up and again
-    with new settings after a config reload. Raise ``ValueError`` to reject the settings.
+    model, or None when it has none) and the proxy context. Called at start-up and by
+    ``llmproxy config validate``, so keep it free of side effects beyond remembering the
+    settings (open files in ``startup``). Raise ``ValueError`` to reject the settings: the
+    message becomes a config error naming ``plugins.<name>``. Per flow, read them back with
+    ``flow.context.settings("<name>")``.
     """
 
 
 @hookspec
 def startup(context: "ProxyContext") -> Any:
     """The server is about to accept connections. *May be async.* Open files, start
-    background tasks here; ``context.config`` is the validated config."""
+    background tasks here; ``context.config`` is the validated config. An exception stops
+    start-up with a config error naming the plugin."""
 
 
 @hookspec

@@ -199,6 +199,10 @@ class PluginHost:
         if problems:
             raise ConfigError(problems, config.source)
 
+    def env_keys(self) -> dict[str, str]:
+        """Provider type → the key variable that adds it to the default config."""
+        return {name: cls.env_key for name, cls in self.provider_types.items() if getattr(cls, "env_key", None)}
+
     def chains(self) -> "HookChains":
         return HookChains(self.pm)
 

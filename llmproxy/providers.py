@@ -35,7 +35,8 @@ log = logging.getLogger("llmproxy.providers")
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """What a backend can serve; routing uses it to skip targets that cannot."""
+    """What a backend can serve, declared by each provider type (shown by tooling; the
+    router tries targets in order and does not consult it yet)."""
 
     tools: bool = True
     streaming: bool = True
@@ -96,6 +97,9 @@ class Provider:
     default_base_url: ClassVar[str | None] = None
     default_models: ClassVar[tuple[str, ...]] = ()
     capabilities: ClassVar[Capabilities] = Capabilities()
+    # The environment variable whose presence adds a backend of this type (named after the
+    # type) when llmproxy runs without a config file.
+    env_key: ClassVar[str | None] = None
     # Non-chat endpoints this backend serves as they are (path under base_url).
     endpoints: ClassVar[frozenset[str]] = frozenset()
 
@@ -150,7 +154,6 @@ class HTTPProvider(Provider):
     def __init__(self, name: str, settings: BackendConfig, context: "ProxyContext") -> None:
         super().__init__(name, settings, context)
         self.session: aiohttp.ClientSession | None = None
-        self._key_index = 0
         self.base_url = (settings.base_url or self.default_base_url or "").rstrip("/")
 
     async def start(self) -> None:
@@ -172,8 +175,7 @@ class HTTPProvider(Provider):
         keys = self.settings.api_keys
         if not keys:
             return None, None
-        for offset in range(len(keys)):
-            index = (self._key_index + offset) % len(keys)
+        for index in range(len(keys)):
             value = keys[index].get()
             if value:
                 return value, f"{self.name}#{index}"
@@ -357,11 +359,18 @@ class HTTPProvider(Provider):
             except aiohttp.ClientError as error:
                 raise ProxyError(502, f"backend {self.name!r} broke off the stream: {type(error).__name__}") from None
             finally:
-                if attempt is not None:
+                if attempt is not None and attempt.ended is None:
                     attempt.ended = time.monotonic()
 
-        # close(), not release(): dropping the connection is what tells the backend to stop.
-        return UpstreamStream(self.protocol, chunks=chunks(), on_close=response.close)
+        def close() -> None:
+            # The pipeline may stop reading before the generator ends (a stop event, a
+            # disconnect): the attempt ends here, not when the generator is collected.
+            if attempt is not None and attempt.ended is None:
+                attempt.ended = time.monotonic()
+            # close(), not release(): dropping the connection is what tells the backend to stop.
+            response.close()
+
+        return UpstreamStream(self.protocol, chunks=chunks(), on_close=close)
 
 
 def _kind_for(status: int) -> str:

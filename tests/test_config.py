@@ -299,7 +299,7 @@ def test_load_config_errors(tmp_path: Path) -> None:
 
 
 def test_default_config_without_keys_is_offline_only() -> None:
-    config = default_config(frozenset({"offline", "openai", "anthropic"}), environ={})
+    config = default_config({"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}, environ={})
     assert list(config.backends) == ["offline"]
     assert config.default_backend == "offline"
     assert config.source == "<built-in defaults>"
@@ -308,7 +308,7 @@ def test_default_config_without_keys_is_offline_only() -> None:
 
 def test_default_config_adds_backends_whose_key_is_set_and_type_is_installed() -> None:
     environ = {"OPENAI_API_KEY": SECRET, "ANTHROPIC_API_KEY": SECRET, "GEMINI_API_KEY": "", "OPENROUTER_API_KEY": SECRET}
-    config = default_config(frozenset({"offline", "openai", "anthropic"}), environ=environ)
+    config = default_config({"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "gemini": "GEMINI_API_KEY"}, environ=environ)
     # gemini: empty key; openrouter: its provider type is not installed here.
     assert list(config.backends) == ["offline", "openai", "anthropic"]
     assert config.default_backend == "offline"
@@ -318,12 +318,12 @@ def test_default_config_adds_backends_whose_key_is_set_and_type_is_installed() -
 
 def test_default_config_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    assert "openai" in default_config(frozenset({"openai"})).backends
+    assert "openai" in default_config({"openai": "OPENAI_API_KEY"}).backends
     monkeypatch.delenv("OPENAI_API_KEY")
-    assert "openai" not in default_config(frozenset({"openai"})).backends
+    assert "openai" not in default_config({"openai": "OPENAI_API_KEY"}).backends
 
 
 def test_default_config_is_a_valid_config() -> None:
-    config = default_config(frozenset({"openai"}), environ={"OPENAI_API_KEY": "x"})
+    config = default_config({"openai": "OPENAI_API_KEY"}, environ={"OPENAI_API_KEY": "x"})
     assert isinstance(config, Config)
     assert Config.model_validate(config.model_dump()).backends == config.backends

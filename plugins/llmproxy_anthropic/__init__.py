@@ -30,6 +30,7 @@ class AnthropicSettings(BackendConfig):
 class AnthropicProvider(HTTPProvider):
     protocol = "anthropic"
     Settings = AnthropicSettings
+    env_key = "ANTHROPIC_API_KEY"
     default_base_url = "https://api.anthropic.com"
     path = "/v1/messages"
     capabilities = Capabilities(reasoning=True, max_context=200_000)

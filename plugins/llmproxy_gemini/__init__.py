@@ -17,6 +17,7 @@ from llmproxy.providers import Capabilities, HTTPProvider
 
 class GeminiProvider(HTTPProvider):
     protocol = "gemini"
+    env_key = "GEMINI_API_KEY"
     default_base_url = "https://generativelanguage.googleapis.com/v1beta"
     capabilities = Capabilities(reasoning=True, max_context=1_000_000)
 

@@ -30,6 +30,7 @@ class OpenAISettings(BackendConfig):
 class OpenAIProvider(HTTPProvider):
     protocol = "openai_chat"
     Settings = OpenAISettings
+    env_key = "OPENAI_API_KEY"
     default_base_url = "https://api.openai.com/v1"
     path = "/chat/completions"
     capabilities = Capabilities(reasoning=True, max_context=400_000)
@@ -57,6 +58,7 @@ class OpenAIProvider(HTTPProvider):
 
 class OpenAIResponsesProvider(OpenAIProvider):
     protocol = "openai_responses"
+    env_key = None  # OPENAI_API_KEY adds the chat backend; this one is configured by hand
     path = "/responses"
 
 
@@ -69,6 +71,7 @@ class AzureOpenAIProvider(OpenAIProvider):
     """Azure OpenAI: ``base_url`` is the resource endpoint, the model picks a deployment."""
 
     Settings = AzureSettings
+    env_key = None  # needs a resource URL, so never added from a key alone
     endpoints = frozenset()  # Azure's other endpoints sit under per-deployment paths too
 
     def headers(self, key: str | None, flow: Flow) -> dict[str, str]:
@@ -84,20 +87,20 @@ class AzureOpenAIProvider(OpenAIProvider):
         return f"{self.base_url}/openai/deployments/{deployment}/chat/completions?api-version={settings.api_version}"
 
 
-def preset(name: str, base_url: str, capabilities: Capabilities = Capabilities()) -> type[OpenAIProvider]:
+def preset(name: str, base_url: str, capabilities: Capabilities = Capabilities(), env_key: str | None = None) -> type[OpenAIProvider]:
     """An OpenAI-compatible provider that differs only in its defaults."""
-    attributes = {"default_base_url": base_url, "capabilities": capabilities, "max_tokens_field": "max_tokens"}
+    attributes = {"default_base_url": base_url, "capabilities": capabilities, "max_tokens_field": "max_tokens", "env_key": env_key}
     return type(f"{name.title().replace('-', '')}Provider", (OpenAIProvider,), attributes)
 
 
 PRESETS: dict[str, type[OpenAIProvider]] = {
-    "openrouter": preset("openrouter", "https://openrouter.ai/api/v1", Capabilities(reasoning=True)),
-    "groq": preset("groq", "https://api.groq.com/openai/v1", Capabilities(vision=False, max_context=131_072)),
-    "together": preset("together", "https://api.together.xyz/v1"),
-    "mistral": preset("mistral", "https://api.mistral.ai/v1", Capabilities(max_context=131_072)),
-    "deepseek": preset("deepseek", "https://api.deepseek.com/v1", Capabilities(vision=False, reasoning=True, max_context=131_072)),
-    "xai": preset("xai", "https://api.x.ai/v1", Capabilities(reasoning=True, max_context=256_000)),
-    "zai": preset("zai", "https://api.z.ai/api/paas/v4", Capabilities(reasoning=True, max_context=200_000)),
+    "openrouter": preset("openrouter", "https://openrouter.ai/api/v1", Capabilities(reasoning=True), "OPENROUTER_API_KEY"),
+    "groq": preset("groq", "https://api.groq.com/openai/v1", Capabilities(vision=False, max_context=131_072), "GROQ_API_KEY"),
+    "together": preset("together", "https://api.together.xyz/v1", env_key="TOGETHER_API_KEY"),
+    "mistral": preset("mistral", "https://api.mistral.ai/v1", Capabilities(max_context=131_072), "MISTRAL_API_KEY"),
+    "deepseek": preset("deepseek", "https://api.deepseek.com/v1", Capabilities(vision=False, reasoning=True, max_context=131_072), "DEEPSEEK_API_KEY"),
+    "xai": preset("xai", "https://api.x.ai/v1", Capabilities(reasoning=True, max_context=256_000), "XAI_API_KEY"),
+    "zai": preset("zai", "https://api.z.ai/api/paas/v4", Capabilities(reasoning=True, max_context=200_000), "ZAI_API_KEY"),
     "zai-coding": preset("zai-coding", "https://api.z.ai/api/coding/paas/v4", Capabilities(reasoning=True, max_context=200_000)),
     "ollama": preset("ollama", "http://127.0.0.1:11434/v1", Capabilities(vision=False, json_schema=False)),
     "lmstudio": preset("lmstudio", "http://127.0.0.1:1234/v1", Capabilities(vision=False)),
