@@ -61,10 +61,10 @@ class ProxyContext:
         ``flow.attempts``. The answer is never streamed; a stream processor raises
         :class:`~llmproxy.errors.RetryStream` instead. Backend failures raise ProxyError.
         """
-        from .pipeline import _dispatch  # the pipeline imports this module
+        from .pipeline import dispatch  # the pipeline imports this module
 
         flow.request  # noqa: B018 - decode it: the raw body may not say what the hooks changed
-        reply = await _dispatch(flow, self, None)
+        reply = await dispatch(flow, self, None)
         if reply.response is not None:
             return reply.response
         try:

@@ -23,11 +23,13 @@ from typing import Any
 from aiohttp import web
 
 from .codecs import get_codec
-from .codecs.base import Codec, dumps
-from .context import CONTEXT
+from .codecs.base import Codec, dumps, loads
+from .codecs.gemini import gemini_embeddings_from_openai, openai_embeddings_from_gemini
+from .context import CONTEXT, ProxyContext
 from .errors import ProxyError
 from .flow import Flow
-from .pipeline import authenticate, handle, read_json
+from .manager import call_chain
+from .pipeline import Writer, authenticate, failover, handle
 from .tokens import count_request
 
 log = logging.getLogger("llmproxy.frontends")
@@ -68,40 +70,58 @@ async def gemini_model_call(request: web.Request) -> web.StreamResponse:
         return await handle(request, codec, inject={"model": model, "stream": True})
     if method == "countTokens":
         return await count_tokens(request, GEMINI, lambda n: {"totalTokens": n}, inject={"model": model})
-    return error_response(GEMINI, ProxyError(404, f"llmproxy does not serve the Gemini method {method!r} (served: generateContent, streamGenerateContent, countTokens)"))
+    if method in ("embedContent", "batchEmbedContents"):
+        return await gemini_embed(request, model, batch=method == "batchEmbedContents")
+    served = "generateContent, streamGenerateContent, countTokens, embedContent, batchEmbedContents"
+    return error_response(GEMINI, ProxyError(404, f"llmproxy does not serve the Gemini method {method!r} (served: {served})"))
+
+
+async def gemini_embed(request: web.Request, model: str, batch: bool) -> web.StreamResponse:
+    """Gemini embeddings, served by whichever backend the model routes to (its embeddings
+    endpoint is asked in OpenAI's shape, which every embedding backend here speaks)."""
+
+    async def run(flow: Flow, ctx: ProxyContext, writer: Writer) -> None:
+        flow.model = model.removeprefix("models/")
+        flow.raw_request = openai_embeddings_from_gemini(flow.raw_request, flow.model, batch)
+        result = await failover(flow, ctx, lambda target: target.provider.forward(flow, target, "embeddings", False))
+        try:
+            answer = loads(result.body) if result.body is not None else result.response
+        except ValueError:
+            raise ProxyError(502, "the backend's embeddings answer is not JSON") from None
+        await writer.json(dumps(gemini_embeddings_from_openai(answer, batch)))
+
+    return await handle(request, GEMINI, run=run, frontend="gemini_embeddings")
 
 
 async def count_tokens(request: web.Request, codec: Codec, shape: Any, inject: dict[str, Any] | None = None) -> web.StreamResponse:
     """The backend's own count when it has a counting endpoint, else a local tiktoken count
-    of system prompt, messages and tools."""
-    ctx = request.app[CONTEXT]
-    try:
-        client = authenticate(request, ctx)
-        body = await read_json(request)
-        if inject:
-            body = {**body, **inject}
+    of system prompt, messages and tools. The request chain runs first, as for a chat call
+    (``flow.metadata["kind"] == "count_tokens"``): a prompt a plugin blocks or redacts is
+    blocked or redacted before anything counts it."""
+
+    async def run(flow: Flow, ctx: ProxyContext, writer: Writer) -> None:
+        body = flow.raw_request
         if "contents" not in body and isinstance(body.get("generateContentRequest"), dict):
-            body = {**body["generateContentRequest"], **(inject or {})}  # Gemini's other form
-        model, _ = codec.peek(body)
-        flow = Flow(codec.protocol, body, model, False, client, request_decoder=codec.decode_request)
-        flow.request  # validate now: a bad body is the client's 400
+            flow.raw_request = body = {**body["generateContentRequest"], **(inject or {})}  # Gemini's other form
+        flow.model, _ = codec.peek(body)
+        flow.metadata["kind"] = "count_tokens"
+        flow.request  # noqa: B018 - decode now: a malformed body is the client's 400
+        if ctx.chains.request:
+            await call_chain(ctx.chains.request, stop=lambda: flow.has_response, skip=flow.disabled_plugins, flow=flow)
         total = None
         try:
-            target = ctx.router.resolve(flow.model)[0]
-            flow.target = target
-            total = await target.provider.count_tokens(flow, target)
+            total = await failover(flow, ctx, lambda target: target.provider.count_tokens(flow, target))
         except ProxyError as error:
-            if error.status in (400, 401, 403):
+            if error.status in (400, 401, 403) or flow.target is None:  # the client's mistake, or no such model
                 raise
             log.debug("backend count failed (%s); counting locally", error.message)
         if total is None:
             # The tokenizer costs ~40 MB and ~0.2 s to load, so it loads on first use,
             # off the event loop; after that a count is a plain call.
-            request_ = flow.request
-            total = await asyncio.get_running_loop().run_in_executor(None, count_request, request_)
-    except ProxyError as error:
-        return error_response(codec, error)
-    return web.Response(body=dumps(shape(total)), content_type="application/json")
+            total = await asyncio.get_running_loop().run_in_executor(None, count_request, flow.request)
+        await writer.json(dumps(shape(total)))
+
+    return await handle(request, codec, inject=inject, run=run)
 
 
 def error_response(codec: Codec, error: ProxyError) -> web.Response:

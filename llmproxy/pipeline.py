@@ -11,11 +11,11 @@ import asyncio
 import hmac
 import logging
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from .canonical import EventKind, ResponseBuilder, StreamEvent, response_events
+from .canonical import EventKind, Response, ResponseBuilder, StreamEvent, response_events
 from .codecs import get_codec
 from .codecs.base import Codec, complete_frames_end, dumps, loads
 from .context import CONTEXT, ProxyContext
@@ -73,17 +73,28 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def handle(request: web.Request, codec: Codec, inject: dict[str, Any] | None = None) -> web.StreamResponse:
-    """Serve one client call in ``codec``'s protocol. ``inject`` adds fields the protocol
-    carries outside the body (Gemini's model and stream flag are in the URL)."""
+Runner = Callable[[Flow, ProxyContext, "Writer"], Awaitable[None]]
+
+
+async def handle(
+    request: web.Request, codec: Codec, inject: dict[str, Any] | None = None, run: Runner | None = None, frontend: str | None = None
+) -> web.StreamResponse:
+    """Serve one client call in ``codec``'s protocol: authenticate, read the body, run the
+    flow, and whatever happens answer in that protocol and let ``flow_done`` see it.
+
+    ``inject`` adds fields the protocol carries outside the body (Gemini's model and stream
+    flag are in the URL). ``run`` replaces the chat flow for the other kinds of call
+    (token counts, embeddings …); it gets a flow with the body read and sets model and stream
+    itself. ``frontend`` names such a flow when it is not chat (then it has no canonical
+    request)."""
     ctx = request.app[CONTEXT]
     task = asyncio.current_task()
     if task is not None:  # aiohttp runs each request in its own task; shutdown drains them
         ctx.inflight.add(task)
         task.add_done_callback(ctx.inflight.discard)
-    flow = Flow(codec.protocol, {}, "", False, request_decoder=codec.decode_request)
+    flow = Flow(frontend or codec.protocol, {}, "", False, request_decoder=None if frontend else codec.decode_request)
     flow.context = ctx  # set first: flow_done sees refused flows (bad key, bad JSON) too
-    writer = _Writer(request, codec, flow)
+    writer = Writer(request, codec, flow)
     try:
         flow.client = authenticate(request, ctx)
         flow.raw_request = await read_json(request)
@@ -93,8 +104,11 @@ async def handle(request: web.Request, codec: Codec, inject: dict[str, Any] | No
             flow.disabled_plugins = flow.session.disabled_plugins()
         if inject:
             flow.raw_request.update(inject)
-        flow.model, flow.stream = codec.peek(flow.raw_request)
-        await _run(flow, ctx, writer)
+        if run is None:
+            flow.model, flow.stream = codec.peek(flow.raw_request)
+            await _run(flow, ctx, writer)
+        else:
+            await run(flow, ctx, writer)
     except ProxyError as error:
         await _fail(flow, ctx, writer, error)
     except asyncio.CancelledError:
@@ -117,7 +131,7 @@ async def handle(request: web.Request, codec: Codec, inject: dict[str, Any] | No
     return writer.response
 
 
-async def _run(flow: Flow, ctx: ProxyContext, writer: "_Writer") -> None:
+async def _run(flow: Flow, ctx: ProxyContext, writer: "Writer") -> None:
     chains = ctx.chains
     if chains.request:
         await call_chain(chains.request, stop=lambda: flow.has_response, skip=flow.disabled_plugins, flow=flow)
@@ -127,7 +141,7 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "_Writer") -> None:
             await writer.stream_events(_once(response_events(flow.response)), processors)  # type: ignore[arg-type]
             return
         for retry in range(MAX_STREAM_RETRIES + 1):
-            upstream = await _dispatch(flow, ctx, processors)
+            upstream = await dispatch(flow, ctx, processors)
             try:
                 await writer.relay(upstream, processors)
                 return
@@ -142,7 +156,7 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "_Writer") -> None:
         return
     raw: bytes | None = None
     if not flow.has_response:
-        reply = await _dispatch(flow, ctx, None)
+        reply = await dispatch(flow, ctx, None)
         if reply.response is not None:
             flow.response = reply.response
         else:
@@ -183,17 +197,26 @@ def _stream_processors(flow: Flow, ctx: ProxyContext) -> list[tuple[str, Any]]:
     return processors
 
 
-async def _dispatch(flow: Flow, ctx: ProxyContext, processors: list[Any] | None) -> Any:
+async def dispatch(flow: Flow, ctx: ProxyContext, processors: list[Any] | None) -> Any:
     """Try each target in order; fail over on errors that another target may not have."""
+
+    async def attempt(target: Any) -> Any:
+        if processors is None:
+            return await target.provider.complete(flow, target)
+        passthrough = not processors and target.provider.protocol == flow.frontend
+        return await target.provider.stream(flow, target, passthrough)
+
+    return await failover(flow, ctx, attempt)
+
+
+async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Awaitable[Any]]) -> Any:
+    """``attempt(target)`` for each of the flow's targets in order until one succeeds; the
+    next target is tried only for errors another backend may not have (``RETRYABLE``)."""
     targets = ctx.router.resolve(flow.model)
     for i, target in enumerate(targets):
         flow.target = target
         try:
-            if processors is None:
-                reply: UpstreamReply = await target.provider.complete(flow, target)
-                return reply
-            passthrough = not processors and target.provider.protocol == flow.frontend
-            return await target.provider.stream(flow, target, passthrough)
+            return await attempt(target)
         except ProxyError as error:
             if error.status not in RETRYABLE or i == len(targets) - 1:
                 raise
@@ -201,7 +224,7 @@ async def _dispatch(flow: Flow, ctx: ProxyContext, processors: list[Any] | None)
     raise AssertionError("unreachable")
 
 
-async def _fail(flow: Flow, ctx: ProxyContext, writer: "_Writer", error: ProxyError) -> None:
+async def _fail(flow: Flow, ctx: ProxyContext, writer: "Writer", error: ProxyError) -> None:
     # A response already on the flow (say, a backend answer a response hook refused) is not
     # an answer from an error hook; a different one, or a cleared error, is.
     refused = None if writer.started else flow.response
@@ -278,7 +301,7 @@ def _flush(processors: list[tuple[str, Any]]) -> list[StreamEvent]:
     return events
 
 
-class _Writer:
+class Writer:
     """Writes the client's answer once: JSON, or an SSE stream begun on first use."""
 
     __slots__ = ("request", "codec", "flow", "response", "started", "encoder")
@@ -313,6 +336,20 @@ class _Writer:
         self.started = True
         self.flow.status = 200
         return response
+
+    async def relay_bytes(self, upstream: UpstreamStream) -> None:
+        """Forward a stream llmproxy does not model (legacy completions …) as it arrives."""
+        response = await self._begin()
+        try:
+            async for chunk in upstream.chunks:  # type: ignore[union-attr]
+                if self.flow.first_token_at is None:
+                    self.flow.first_token_at = time.monotonic()
+                if self.flow.sent is not None:
+                    self.flow.sent.append((time.monotonic(), chunk))
+                await response.write(chunk)
+        finally:
+            await upstream.close()
+        await response.write_eof()
 
     async def stream_error(self, error: ProxyError) -> None:
         if self.encoder is not None:
@@ -403,7 +440,11 @@ class _Writer:
         # reads them from the flow without forcing the request to be decoded.
         encoder = self.encoder = self.codec.stream_encoder(flow)
         response = self.response if self.started else await self._begin()
-        builder = ResponseBuilder(flow.model, protocol="")
+        # What the client was sent, folded into flow.response only if someone reads it: most
+        # flows have nobody who does, and folding as we go cost as much as encoding. The
+        # events are not copied: once encoded and written, nothing changes them.
+        sent: list[StreamEvent] = []
+        model = flow.model
         ended = False
         try:
             async for events in batches:
@@ -420,11 +461,11 @@ class _Writer:
                 elif terminal is not None:
                     events.append(terminal)
                 for i, event in enumerate(events):
-                    builder.add(event)
                     if event.kind in _TERMINAL:
                         del events[i + 1 :]
                         ended = True
                         break
+                sent.extend(events)
                 if events:
                     data = encoder.encode(events)
                     if data:
@@ -439,10 +480,20 @@ class _Writer:
                         flow.error = last.error if isinstance(last.error, ProxyError) else ProxyError(500, str(last.error))
                     break
         finally:
-            flow.response = builder.build()
+            # The closure holds the events and the model, not the flow (a cycle would keep
+            # every stream alive until a garbage collection).
+            flow.set_lazy_response(lambda: _fold_events(sent, model))
         if not ended:
             raise ProxyError(502, "backend stream ended before the response was complete")
         await response.write_eof()
+
+
+def _fold_events(events: list[StreamEvent], model: str) -> Response:
+    """A streamed response, from the canonical events the client was sent."""
+    builder = ResponseBuilder(model, protocol="")
+    for event in events:
+        builder.add(event)
+    return builder.build()
 
 
 def _fold(protocol: str, chunks: list[bytes], model: str) -> Any:

@@ -283,20 +283,14 @@ class HTTPProvider(Provider):
             raise self.upstream_error(response.status, payload, headers)
         return response
 
-    async def post_json(self, url: str, headers: dict[str, str], body: dict[str, Any]) -> Any:
-        """POST outside a flow's attempts (token counts, model lists); errors as ProxyError."""
-        assert self.session is not None, "provider not started"
+    async def send_json(self, flow: Flow, target: "Target", url: str, body: dict[str, Any]) -> Any:
+        """POST ``body`` to ``url`` for ``flow`` (a token count, an embedding …) as an attempt
+        like any other — ``upstream_request`` hooks, recording, errors as ProxyError — and
+        return the parsed JSON answer."""
+        response = await self._send(flow, target, False, True, url=url, body=body)
+        reply = await self._reply(response, flow.attempts[-1])
         try:
-            async with self.session.post(url, headers=headers, data=dumps(body)) as response:
-                payload = await response.read()
-                if response.status >= 400:
-                    raise self.upstream_error(response.status, payload)
-        except asyncio.TimeoutError:
-            raise ProxyError(504, f"backend {self.name!r} did not answer in time", kind="timeout_error") from None
-        except aiohttp.ClientError as error:
-            raise ProxyError(502, f"backend {self.name!r} is unreachable: {type(error).__name__}", kind="upstream_unreachable") from None
-        try:
-            return loads(payload)
+            return loads(reply.body or b"")
         except ValueError:
             raise ProxyError(502, f"backend {self.name!r} sent a body that is not JSON") from None
 

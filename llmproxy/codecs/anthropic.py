@@ -632,14 +632,20 @@ class AnthropicStreamDecoder:
         # ping and unknown events carry nothing canonical
 
 
+# A content_block_delta frame up to its value: index, delta type and the delta's field name.
+# orjson writes the same bytes for the whole dict, so the frames are identical.
+_DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":{"type":"%s","%s":'
+
+
 class AnthropicStreamEncoder:
     """Canonical events → Anthropic SSE, with every event's ``event:`` line."""
 
-    __slots__ = ("_model", "_id", "_started", "_open", "_blocks", "_next", "_usage", "_kinds", "_signed")
+    __slots__ = ("_model", "_id", "_started", "_open", "_blocks", "_next", "_usage", "_kinds", "_signed", "_heads")
 
     def __init__(self, model: str) -> None:
         self._model = model
         self._id = f"msg_{uuid.uuid4().hex[:24]}"
+        self._heads: dict[tuple[int, str], bytes] = {}  # (wire index, delta type) -> frame head
         self._started = False
         self._open: int | None = None  # wire index of the open block
         self._blocks: dict[int, int] = {}  # canonical index -> wire index
@@ -680,8 +686,14 @@ class AnthropicStreamEncoder:
             return None  # that block was already closed; Anthropic blocks cannot reopen
         return wire
 
-    def _delta(self, wire: int, delta: dict[str, Any], out: list[bytes]) -> None:
-        out.append(b"event: content_block_delta\ndata: " + dumps({"type": "content_block_delta", "index": wire, "delta": delta}) + b"\n\n")
+    def _delta(self, wire: int, kind: str, field: str, value: Any, out: list[bytes]) -> None:
+        """A ``content_block_delta`` frame. Every delta of one kind in one block is the same
+        bytes around its value, so those are built once per block and kept: a dict and a
+        dump per event would cost more than all the rest of encoding a text delta."""
+        head = self._heads.get((wire, kind))
+        if head is None:
+            head = self._heads[(wire, kind)] = _DELTA_HEAD % (wire, kind.encode(), field.encode())
+        out.append(head + dumps(value) + b"}}\n\n")
 
     def encode(self, events: list[StreamEvent]) -> bytes:
         out: list[bytes] = []
@@ -695,11 +707,11 @@ class AnthropicStreamEncoder:
                 if event.text:
                     wire = self._block(event.index, "text", out, {"type": "text", "text": ""})
                     if wire is not None:
-                        self._delta(wire, {"type": "text_delta", "text": event.text}, out)
+                        self._delta(wire, "text_delta", "text", event.text, out)
             elif kind == EventKind.TOOL_CALL_DELTA:
                 wire = self._blocks.get(event.index)
                 if wire is not None and wire == self._open:
-                    self._delta(wire, {"type": "input_json_delta", "partial_json": event.text}, out)
+                    self._delta(wire, "input_json_delta", "partial_json", event.text, out)
             elif kind == EventKind.TOOL_CALL_START:
                 self._block(event.index, "tool_use", out, {"type": "tool_use", "id": event.id, "name": event.name, "input": {}})
             elif kind == EventKind.THINKING:
@@ -710,12 +722,12 @@ class AnthropicStreamEncoder:
                 if wire is None:
                     continue
                 if event.text:
-                    self._delta(wire, {"type": "thinking_delta", "thinking": event.text}, out)
+                    self._delta(wire, "thinking_delta", "thinking", event.text, out)
                 # Another family's signature (decoders name theirs in ``signed_by``) stays
                 # out: the client would hand it back as Anthropic's, which the API refuses.
                 if event.signature and (event.extra or {}).get("signed_by", PROTOCOL) == PROTOCOL:
                     self._signed.add(wire)
-                    self._delta(wire, {"type": "signature_delta", "signature": event.signature}, out)
+                    self._delta(wire, "signature_delta", "signature", event.signature, out)
             elif kind == EventKind.BLOCK_STOP:
                 wire = self._blocks.get(event.index)
                 if wire is not None and wire == self._open:

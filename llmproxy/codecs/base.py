@@ -112,8 +112,17 @@ class SSESplitter:
             self._buffer = buffer
             return []
         self._buffer = buffer[end + 2 :]
+        body = buffer[:end]
+        # The usual read holds nothing but one-line "data:" frames. Splitting on the
+        # separator between two such frames then yields every payload in one call, and the
+        # count of line ends proves that premise: each separator holds two, so if that is
+        # all there are, no frame has a second line (or an event:, id: or comment line).
+        if body.startswith(b"data: "):
+            payloads = body[6:].split(b"\n\ndata: ")
+            if body.count(b"\n") == 2 * (len(payloads) - 1):
+                return [(None, data) for data in payloads]
         frames = []
-        for raw in buffer[:end].split(b"\n\n"):
+        for raw in body.split(b"\n\n"):
             if raw:
                 frame = _parse_frame(raw)
                 if frame is not None:

@@ -739,3 +739,60 @@ class GeminiStreamEncoder:
         if call[3]:
             part["thoughtSignature"] = call[3]
         return part
+
+
+# -- embeddings: Gemini's embedContent/batchEmbedContents ⇄ OpenAI's /v1/embeddings ----------
+
+
+def openai_embeddings_to_gemini(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """OpenAI ``input`` (a string or list of strings) → Gemini ``batchEmbedContents``."""
+    inputs = body.get("input")
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise bad_request("'input' must be a string or an array of strings for this backend", "input")
+    request: dict[str, Any] = {"model": f"models/{model}", "content": {"parts": []}}
+    requests = []
+    for text in texts:
+        entry = dict(request, content={"parts": [{"text": text}]})
+        if body.get("dimensions"):
+            entry["outputDimensionality"] = body["dimensions"]
+        requests.append(entry)
+    return {"requests": requests}
+
+
+def gemini_embeddings_to_openai(result: dict[str, Any], model: str) -> dict[str, Any]:
+    vectors = [e.get("values", []) for e in result.get("embeddings", [])]
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        "model": model,
+        "usage": {"prompt_tokens": 0, "total_tokens": 0},
+    }
+
+
+def openai_embeddings_from_gemini(body: dict[str, Any], model: str, batch: bool) -> dict[str, Any]:
+    """A Gemini ``embedContent`` (or ``batchEmbedContents``) body as an OpenAI embeddings body."""
+    requests = array(body.get("requests"), "requests") if batch else [body]
+    texts = []
+    for i, entry in enumerate(requests):
+        content = entry.get("content") if isinstance(entry, dict) else None
+        if not isinstance(content, dict):
+            raise bad_request(f"requests[{i}].content is required" if batch else "content is required", "content")
+        parts = array(content.get("parts"), "content.parts")
+        texts.append("".join(string(p.get("text", ""), "content.parts.text") for p in parts if isinstance(p, dict)))
+    out: dict[str, Any] = {"model": model, "input": texts}
+    dimensions = requests[0].get("outputDimensionality") if requests and isinstance(requests[0], dict) else None
+    if dimensions:
+        out["dimensions"] = dimensions
+    return out
+
+
+def gemini_embeddings_from_openai(result: Any, batch: bool) -> dict[str, Any]:
+    """An OpenAI embeddings answer as Gemini's (``embedding``, or ``embeddings`` for a batch)."""
+    data = result.get("data") if isinstance(result, dict) else None
+    if not isinstance(data, list):
+        raise ProxyError(502, "backend's embeddings answer has no 'data' array")
+    vectors = [{"values": entry.get("embedding", [])} for entry in sorted(data, key=lambda e: e.get("index", 0))]
+    if batch:
+        return {"embeddings": vectors}
+    return {"embedding": vectors[0] if vectors else {"values": []}}

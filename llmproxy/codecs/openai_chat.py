@@ -552,6 +552,35 @@ class ChatStreamDecoder:
             events.append(StreamEvent(EventKind.BLOCK_STOP, index=index))
         self._open = []
 
+    def _text_delta(self, chunk: dict[str, Any], events: list[StreamEvent]) -> bool:
+        """The fast path, for the chunk nearly every stream is made of: one choice, a delta
+        with nothing but text for the text block already begun, no finish reason, logprobs
+        or usage. Appends the one TEXT event the general path in :meth:`_frame` would make
+        of it and returns True; returns False (having done nothing) for any other chunk."""
+        choices = chunk.get("choices")
+        if choices.__class__ is not list or len(choices) != 1 or chunk.get("usage"):
+            return False
+        choice = choices[0]
+        if choice.__class__ is not dict:
+            return False
+        delta = choice.get("delta")
+        if (
+            delta.__class__ is not dict
+            or choice.get("finish_reason")
+            or choice.get("logprobs") is not None
+            or choice.get("index", 0) != 0
+            # some servers repeat "role" or send "reasoning_content": null beside the text
+            or (len(delta) != 1 and (delta.get("tool_calls") or delta.get("reasoning_content") or delta.get("reasoning")))
+        ):
+            return False
+        content = delta.get("content")
+        index = self._blocks.get("text")
+        if content.__class__ is not str or index is None:
+            return False
+        if content:
+            events.append(StreamEvent(EventKind.TEXT, index, content))
+        return True
+
     def _frame(self, event_name: str | None, data: bytes, events: list[StreamEvent]) -> None:
         if self._done:
             return
@@ -564,6 +593,8 @@ class ChatStreamDecoder:
             raise ProxyError(502, f"upstream sent a malformed stream event: {data[:200]!r}") from None
         if not isinstance(chunk, dict):
             raise ProxyError(502, "upstream sent a stream event that is not a JSON object")
+        if self._started and self._text_delta(chunk, events):
+            return
         if "error" in chunk and not chunk.get("choices"):
             err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
             raise ProxyError(502, f"upstream error mid-stream: {err.get('message', err)}", kind=err.get("type") or "upstream_error", in_stream=True)

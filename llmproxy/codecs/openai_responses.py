@@ -738,6 +738,11 @@ class ResponsesStreamEncoder:
                     continue
             if kind == EventKind.TEXT:
                 if not event.text:
+                    item = event.extra.get("responses_item") if event.extra else None
+                    if isinstance(item, dict) and event.index not in self._items:
+                        # an output item llmproxy has no type for (local_shell_call …): whole
+                        self._add(event.index, {"id": _new_id("item"), **item}, out)
+                        self._close_open(out)
                     continue
                 entry = self._items.get(event.index)
                 if entry is None or entry["item"]["type"] != "message":

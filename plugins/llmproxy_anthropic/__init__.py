@@ -56,11 +56,10 @@ class AnthropicProvider(HTTPProvider):
         return headers
 
     async def count_tokens(self, flow: Flow, target: Any) -> int | None:
-        key, _ = self.api_key()
         body = get_codec(self.protocol).encode_request(flow.request, target.model)
         for field in ("max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences", "metadata", "service_tier"):
             body.pop(field, None)
-        result = await self.post_json(self.base_url + "/v1/messages/count_tokens", self.headers(key, flow), body)
+        result = await self.send_json(flow, target, self.base_url + "/v1/messages/count_tokens", body)
         return int(result.get("input_tokens", 0)) if isinstance(result, dict) else None
 
 

@@ -11,8 +11,10 @@ from typing import Any, Callable
 
 from llmproxy import hookimpl
 from llmproxy.codecs import get_codec
+from llmproxy.codecs.base import dumps
+from llmproxy.codecs.gemini import gemini_embeddings_to_openai, openai_embeddings_to_gemini
 from llmproxy.flow import Flow
-from llmproxy.providers import Capabilities, HTTPProvider
+from llmproxy.providers import Capabilities, HTTPProvider, UpstreamReply
 
 
 class GeminiProvider(HTTPProvider):
@@ -46,22 +48,16 @@ class GeminiProvider(HTTPProvider):
         """OpenAI-style embeddings, answered by ``batchEmbedContents``."""
         if endpoint != "embeddings" or stream:
             return await super().forward(flow, target, endpoint, stream)
-        from llmproxy.codecs.base import dumps
-        from llmproxy.endpoints import gemini_embeddings_to_openai, openai_embeddings_to_gemini
-        from llmproxy.providers import UpstreamReply
-
-        key, _ = self.api_key()
         model = target.model.removeprefix("models/")
         body = openai_embeddings_to_gemini(flow.raw_request, model)
-        result = await self.post_json(f"{self.base_url}/models/{model}:batchEmbedContents", self.headers(key, flow), body)
+        result = await self.send_json(flow, target, f"{self.base_url}/models/{model}:batchEmbedContents", body)
         return UpstreamReply("openai_embeddings", body=dumps(gemini_embeddings_to_openai(result, target.model)))
 
     async def count_tokens(self, flow: Flow, target: Any) -> int | None:
-        key, _ = self.api_key()
         body = self.body(flow, target, False, False)
         model = target.model if target.model.startswith("models/") else f"models/{target.model}"
         request = {"generateContentRequest": {"model": model, **body}}
-        result = await self.post_json(f"{self.base_url}/{model}:countTokens", self.headers(key, flow), request)
+        result = await self.send_json(flow, target, f"{self.base_url}/{model}:countTokens", request)
         return int(result.get("totalTokens", 0)) if isinstance(result, dict) else None
 
 

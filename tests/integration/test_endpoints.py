@@ -141,3 +141,52 @@ async def test_dedicated_anthropic_port_serves_the_same_routes(tmp_path):
                 assert answer["content"][0]["text"] == "You said: ping"
             async with session.post(f"{url}/anthropic/v1/messages", json=body) as response:
                 assert (await response.json())["type"] == "message"
+
+
+@pytest.mark.parametrize("backend", ["gemini", "openai"])
+async def test_gemini_clients_embed_through_any_embedding_backend(fake_gemini, fake_openai, monkeypatch, backend):
+    """google-genai's embed_content, served by a Gemini backend or an OpenAI-compatible one."""
+    from google import genai
+    from google.genai import types
+
+    base = fake_gemini.base_url if backend == "gemini" else fake_openai.base_url
+    proxy = await _proxy({"up": {"type": backend, "base_url": base, "api_keys": ["${TEST_UPSTREAM_KEY}"]}}, "up", monkeypatch)
+    try:
+        client = genai.Client(api_key="x", http_options=types.HttpOptions(base_url=proxy.url, api_version="v1beta"))
+        result = await client.aio.models.embed_content(model="text-embedding-004", contents=["hello", "hi"])
+        assert len(result.embeddings) == 2 and all(e.values for e in result.embeddings)
+        if backend == "openai":
+            assert fake_openai.last.json["input"] == ["hello", "hi"]
+            assert [e.values[0] for e in result.embeddings] == [5.0, 2.0]
+        else:
+            assert fake_gemini.last.path.endswith(":batchEmbedContents")
+    finally:
+        await proxy.stop()
+
+
+async def test_count_tokens_runs_the_request_chain(fake_anthropic, monkeypatch):
+    """A plugin that blocks a prompt blocks it from being counted too (fail closed)."""
+    import anthropic
+
+    from llmproxy import ProxyError
+
+    class Guard:
+        @hookimpl
+        def request(self, flow):
+            if "password" in flow.request.last_user_message.text:
+                raise ProxyError(403, "no passwords")
+
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-upstream-endpoints")
+    config = {"backends": {"a": {"type": "anthropic", "base_url": fake_anthropic.base_url, "api_keys": ["${TEST_UPSTREAM_KEY}"]}}, "default_backend": "a"}
+    proxy = await start_proxy(config, plugins=BUILTINS + [("guard", Guard())], entry_points=False)
+    try:
+        client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+        counted = await client.messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "hello"}])
+        assert counted.input_tokens > 0
+        assert fake_anthropic.last.path == "/v1/messages/count_tokens"
+        seen = len(fake_anthropic.requests)
+        with pytest.raises(anthropic.PermissionDeniedError):
+            await client.messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "my password is x"}])
+        assert len(fake_anthropic.requests) == seen  # never reached the backend
+    finally:
+        await proxy.stop()
