@@ -219,36 +219,42 @@ class StreamEvent:
 
 
 class ResponseBuilder:
-    """Folds stream events into a :class:`Response` (for ``flow_done``, captures, history)."""
+    """Folds stream events into a :class:`Response` (for ``flow_done``, captures, history).
 
-    __slots__ = ("response", "_blocks")
+    Fragments are kept in lists and joined once in :meth:`build`: appending to a string per
+    event would make folding a long stream quadratic.
+    """
+
+    __slots__ = ("response", "_blocks", "_texts", "_signatures")
 
     def __init__(self, model: str, protocol: str = "") -> None:
         self.response = Response(model=model, stop_reason=None, protocol=protocol)
         self._blocks: dict[int, Part] = {}
+        self._texts: dict[int, list[str]] = {}  # text, tool-call arguments or thinking, per block
+        self._signatures: dict[int, list[str]] = {}
 
     def add(self, event: StreamEvent) -> None:
         kind = event.kind
-        blocks = self._blocks
-        if kind == EventKind.TEXT:
-            part = blocks.get(event.index)
-            if isinstance(part, TextPart):
-                part.text += event.text
-            else:
-                blocks[event.index] = TextPart(event.text)
-        elif kind == EventKind.TOOL_CALL_DELTA:
-            part = blocks.get(event.index)
-            if isinstance(part, ToolCallPart):
-                part.arguments += event.text
+        if kind == EventKind.TEXT or kind == EventKind.TOOL_CALL_DELTA:
+            index = event.index
+            texts = self._texts.get(index)
+            if texts is None:
+                if kind == EventKind.TOOL_CALL_DELTA:
+                    return  # arguments for a call that never started
+                self._blocks[index] = TextPart("")
+                texts = self._texts[index] = []
+            texts.append(event.text)
         elif kind == EventKind.TOOL_CALL_START:
-            blocks[event.index] = ToolCallPart(id=event.id or "", name=event.name or "", arguments="")
+            self._blocks[event.index] = ToolCallPart(id=event.id or "", name=event.name or "", arguments="")
+            self._texts[event.index] = []
         elif kind == EventKind.THINKING:
-            part = blocks.get(event.index)
-            if not isinstance(part, ThinkingPart):
-                part = blocks[event.index] = ThinkingPart(protocol=self.response.protocol)
-            part.text += event.text
+            index = event.index
+            if not isinstance(self._blocks.get(index), ThinkingPart):
+                self._blocks[index] = ThinkingPart(protocol=self.response.protocol)
+                self._texts[index] = []
+            self._texts[index].append(event.text)
             if event.signature:
-                part.signature = (part.signature or "") + event.signature
+                self._signatures.setdefault(index, []).append(event.signature)
         elif kind == EventKind.USAGE and event.usage is not None:
             self.response.usage = event.usage
         elif kind == EventKind.STOP:
@@ -263,10 +269,17 @@ class ResponseBuilder:
             self.response.stop_reason = "error"
 
     def build(self) -> Response:
-        parts = [self._blocks[i] for i in sorted(self._blocks)]
-        for part in parts:
-            if isinstance(part, ToolCallPart) and not part.arguments:
-                part.arguments = "{}"
+        parts = []
+        for index in sorted(self._blocks):
+            part = self._blocks[index]
+            text = "".join(self._texts.get(index, ()))
+            if isinstance(part, ToolCallPart):
+                part.arguments = text or "{}"
+            elif isinstance(part, (TextPart, ThinkingPart)):
+                part.text = text
+                if isinstance(part, ThinkingPart) and index in self._signatures:
+                    part.signature = "".join(self._signatures[index])
+            parts.append(part)
         self.response.parts = parts
         return self.response
 

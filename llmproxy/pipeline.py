@@ -51,7 +51,7 @@ def authenticate(request: web.Request, ctx: ProxyContext) -> ClientInfo:
         if hmac.compare_digest(given, key) and matched is None:
             matched = name
     if matched is None:
-        raise ProxyError(401, "invalid or missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
+        raise ProxyError(401, "invalid or missing API key: send it as 'Authorization: Bearer <key>', 'x-api-key: <key>' or 'x-goog-api-key: <key>'")
     client.key_name = matched
     return client
 
