@@ -175,15 +175,15 @@ class PluginHost:
                     problems.append(f"{config.where('plugins.' + info.name)}plugins.{info.name}: this plugin takes no settings (only enabled: true/false)")
                 continue
             unknown = [k for k in section if k not in info.settings_model.model_fields]
-            if unknown and info.settings_model.model_config.get("extra") != "allow":
-                # a model that ignores extra keys would hide a misspelled setting
-                for key in unknown:
-                    problems.append(f"{config.where(f'plugins.{info.name}.{key}')}plugins.{info.name}.{key}: unknown key")
-                continue
+            if info.settings_model.model_config.get("extra") == "allow":
+                unknown = []
             try:
-                info.settings = info.settings_model.model_validate(section)
+                info.settings = info.settings_model.model_validate({k: v for k, v in section.items() if k not in unknown})
             except ValidationError as error:
                 problems.extend(format_validation_error(error, f"plugins.{info.name}", config.lines))
+            # a model that ignores extra keys would hide a misspelled setting
+            for key in unknown:
+                problems.append(f"{config.where(f'plugins.{info.name}.{key}')}plugins.{info.name}.{key}: unknown key")
         for backend, section in config.backends.items():
             cls = self.provider_types.get(section.get("type", ""))
             if cls is None:

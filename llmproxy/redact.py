@@ -94,8 +94,9 @@ def pattern(name: str, regex: str, anchors: Iterable[str] = (), group: int = 0, 
     return Pattern(name, compiled, tuple(anchors), group)
 
 
-# Not inside a longer token: "task-manager-..." must not look like an "sk-" key.
-_START = r"(?<![A-Za-z0-9_\-])"
+# Not inside a longer token: "task-manager-..." must not look like an "sk-" key. A JSON
+# escape (\n, \t, \r) before a key is a line start in the text the JSON holds, not a letter.
+_START = r"(?:(?<=\\[nrt])|(?<![A-Za-z0-9_\-]))"
 _END = r"(?![A-Za-z0-9_\-])"
 # A PEM body: base64, line ends (raw, or escaped as in JSON and reprs), and the header
 # lines of encrypted keys — never a quote, and escapes are consumed whole.
@@ -118,7 +119,7 @@ DEFAULT_PATTERNS: tuple[Pattern, ...] = (
         _START + r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
         anchors=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
     ),
-    pattern("aws_access_key_id", r"(?<![A-Za-z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Za-z0-9])", anchors=("AKIA", "ASIA", "ABIA", "ACCA")),
+    pattern("aws_access_key_id", r"(?:(?<=\\[nrt])|(?<![A-Za-z0-9]))(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Za-z0-9])", anchors=("AKIA", "ASIA", "ABIA", "ACCA")),
     pattern(
         "aws_secret_access_key",
         r"(?i:secret_?access_?key)\\?[\"']?\s*[:=]\s*\\?[\"']?([A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])",
@@ -136,7 +137,7 @@ DEFAULT_PATTERNS: tuple[Pattern, ...] = (
     # a digit is a placeholder (Bearer YOUR_API_KEY), not a credential.
     pattern(
         "bearer_token",
-        r"\b(?i:bearer)\s+((?=[A-Za-z0-9\-._~+/]*[0-9])[A-Za-z0-9\-._~+/]{16,}=*)",
+        r"(?:(?<=\\[nrt])|(?<![A-Za-z0-9_]))(?i:bearer)\s+((?=[A-Za-z0-9\-._~+/]*[0-9])[A-Za-z0-9\-._~+/]{16,}=*)",
         anchors=("Bearer", "bearer", "BEARER"),
         group=1,
     ),
@@ -251,6 +252,32 @@ class Redactor:
             if needle in data:
                 return True
         return False
+
+    def spans(self, text: str) -> list[tuple[int, int, str]]:
+        """Where :meth:`text` would mask: ``(start, end, label)`` per region, in order, not
+        overlapping. For masking text that arrives in pieces (stream deltas), where a secret
+        may begin in one piece and end in the next."""
+        found: list[tuple[int, int, str]] = []
+        for secret in self.secrets:
+            start = text.find(secret)
+            while start >= 0:
+                found.append((start, start + len(secret), SECRET_LABEL))
+                start = text.find(secret, start + len(secret))
+        for p in self.patterns:
+            if p.anchors and not any(a in text for a in p.anchors):
+                continue
+            for match in p.regex.finditer(text):
+                if match.start(p.group) >= 0:
+                    found.append((match.start(p.group), match.end(p.group), p.label))
+        found.sort()
+        merged: list[tuple[int, int, str]] = []
+        for start, end, label in found:
+            if merged and start < merged[-1][1]:
+                last = merged[-1]
+                merged[-1] = (last[0], max(last[1], end), last[2])
+            else:
+                merged.append((start, end, label))
+        return merged
 
     def finds(self, text: str) -> list[str]:
         """Names of what :meth:`text` would mask in ``text`` (``"secret"`` for literals)."""
