@@ -44,6 +44,13 @@ class OpenAIProvider(HTTPProvider):
         body = super().body(flow, target, stream, passthrough)
         if flow.frontend != self.protocol and "max_tokens" in body and self.max_tokens_field != "max_tokens":
             body[self.max_tokens_field] = body.pop("max_tokens")
+        if passthrough and flow.frontend == self.protocol and flow.request_decoded:
+            # The re-encoded request asks for the usage chunk (llmproxy wants the counts), but
+            # these bytes go to the client as they are: only what it asked for.
+            if "stream_options" in flow.raw_request:
+                body["stream_options"] = flow.raw_request["stream_options"]
+            else:
+                body.pop("stream_options", None)
         return body
 
     def headers(self, key: str | None, flow: Flow) -> dict[str, str]:

@@ -41,3 +41,28 @@ async def test_an_openai_client_keeps_its_own_spelling(fake_openai):
         assert fake_openai.last.json["max_tokens"] == 55
     finally:
         await proxy.stop()
+
+
+async def test_a_passed_through_stream_carries_no_usage_chunk_the_client_did_not_ask_for(fake_openai):
+    """A plugin that reads the request makes llmproxy re-encode it; the stream still goes to
+    the client as the backend sends it, so it must not ask for more than the client did."""
+    import openai
+
+    from llmproxy import hookimpl
+
+    class Reader:
+        @hookimpl
+        def request(self, flow):
+            assert flow.request.messages
+
+    config = {"backends": {"up": {"type": "openai", "base_url": fake_openai.base_url}}, "default_backend": "up"}
+    proxy = await start_proxy(config, plugins=[("openai", llmproxy_openai), ("reader", Reader())], entry_points=False)
+    try:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        chunks = [c async for c in await client.chat.completions.create(model="m", stream=True, messages=[{"role": "user", "content": "hi"}])]
+        assert all(c.choices for c in chunks)  # no usage-only chunk
+        assert "stream_options" not in fake_openai.last.json
+        chunks = [c async for c in await client.chat.completions.create(model="m", stream=True, stream_options={"include_usage": True}, messages=[{"role": "user", "content": "hi"}])]
+        assert chunks[-1].usage is not None and not chunks[-1].choices
+    finally:
+        await proxy.stop()
