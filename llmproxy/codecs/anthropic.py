@@ -705,7 +705,9 @@ class AnthropicStreamEncoder:
                     continue
             if kind == EventKind.TEXT:
                 if event.text:
-                    wire = self._block(event.index, "text", out, {"type": "text", "text": ""})
+                    wire = self._blocks.get(event.index)
+                    if wire is None or wire != self._open:  # not the open block: _block knows what to do
+                        wire = self._block(event.index, "text", out, {"type": "text", "text": ""})
                     if wire is not None:
                         self._delta(wire, "text_delta", "text", event.text, out)
             elif kind == EventKind.TOOL_CALL_DELTA:

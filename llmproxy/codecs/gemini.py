@@ -648,10 +648,14 @@ class GeminiStreamDecoder:
             events.append(StreamEvent(EventKind.USAGE, usage=self._usage))
 
 
+# A chunk of one plain text part, up to the text (what _chunk writes for [{"text": ...}]).
+_TEXT_CHUNK_HEAD = b'{"candidates":[{"content":{"role":"model","parts":[{"text":'
+
+
 class GeminiStreamEncoder:
     """Canonical events → Gemini stream chunks (SSE ``data:`` lines, or a JSON array)."""
 
-    __slots__ = ("_model", "_id", "_array", "_first", "_calls", "_usage", "_ended")
+    __slots__ = ("_model", "_id", "_array", "_first", "_calls", "_usage", "_ended", "_text_tail")
 
     def __init__(self, model: str, array: bool = False) -> None:
         self._model = model
@@ -661,6 +665,24 @@ class GeminiStreamEncoder:
         self._calls: dict[int, list[Any]] = {}  # index -> [id, name, args text, signature]
         self._usage: Usage | None = None
         self._ended = False
+        self._text_tail: bytes | None = None  # after the text of a plain text chunk; reset when model or id change
+
+    def _text_chunk(self, text: str) -> bytes:
+        """``_chunk([{"text": text}])``, the chunk nearly every stream is made of. All of its
+        bytes but the text are the same for the whole stream, so they are built once and
+        kept instead of a dict tree and a dump per event."""
+        tail = self._text_tail
+        if tail is None:
+            tail = self._text_tail = b'}]},"index":0}],"modelVersion":' + dumps(self._model) + b',"responseId":' + dumps(self._id) + b"}"
+        return self._framed(_TEXT_CHUNK_HEAD + dumps(text) + tail)
+
+    def _framed(self, data: bytes) -> bytes:
+        """One chunk as the client reads it: an SSE event, or the next element of the array."""
+        if self._array:
+            prefix = b"[" if self._first else b",\r\n"
+            self._first = False
+            return prefix + data
+        return b"data: " + data + b"\r\n\r\n"
 
     def _chunk(self, parts: list[dict[str, Any]], finish: str | None = None, usage: Usage | None = None) -> bytes:
         candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
@@ -671,12 +693,7 @@ class GeminiStreamEncoder:
             chunk["usageMetadata"] = encode_usage(usage)
         chunk["modelVersion"] = self._model
         chunk["responseId"] = self._id
-        data = dumps(chunk)
-        if self._array:
-            prefix = b"[" if self._first else b",\r\n"
-            self._first = False
-            return prefix + data
-        return b"data: " + data + b"\r\n\r\n"
+        return self._framed(dumps(chunk))
 
     def encode(self, events: list[StreamEvent]) -> bytes:
         out: list[bytes] = []
@@ -684,10 +701,10 @@ class GeminiStreamEncoder:
             kind = event.kind
             if kind == EventKind.TEXT:
                 if event.text:
-                    part: dict[str, Any] = {"text": event.text}
                     if event.extra and event.extra.get("thoughtSignature"):
-                        part["thoughtSignature"] = event.extra["thoughtSignature"]
-                    out.append(self._chunk([part]))
+                        out.append(self._chunk([{"text": event.text, "thoughtSignature": event.extra["thoughtSignature"]}]))
+                    else:
+                        out.append(self._text_chunk(event.text))
             elif kind == EventKind.TOOL_CALL_DELTA:
                 call = self._calls.get(event.index)
                 if call is not None:
@@ -712,6 +729,7 @@ class GeminiStreamEncoder:
                     self._model = event.model
                 if event.id:  # any id is a valid responseId (as in encode_response)
                     self._id = event.id
+                self._text_tail = None
             elif kind == EventKind.STOP:
                 parts = [self._call_part(c) for c in self._calls.values()]
                 self._calls.clear()

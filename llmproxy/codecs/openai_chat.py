@@ -637,10 +637,14 @@ class ChatStreamDecoder:
             events.append(StreamEvent(EventKind.USAGE, usage=self._usage))
 
 
+# The end of a text chunk without logprobs or finish reason (see ChatStreamEncoder.encode).
+_TEXT_CHUNK_TAIL = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+
+
 class ChatStreamEncoder:
     """Canonical events → chat completion chunks, one SSE frame per chunk."""
 
-    __slots__ = ("_prefix", "_suffix", "_include_usage", "_usage", "_tool_slots", "_id", "_model", "_created")
+    __slots__ = ("_prefix", "_suffix", "_text_head", "_include_usage", "_usage", "_tool_slots", "_id", "_model", "_created")
 
     def __init__(self, model: str, include_usage: bool) -> None:
         self._id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -656,6 +660,7 @@ class ChatStreamEncoder:
         head = dumps({"id": self._id, "object": "chat.completion.chunk", "created": self._created, "model": self._model})
         self._prefix = b"data: " + head[:-1] + b',"choices":[{"index":0,"delta":'
         self._suffix = b"}]}\n\n"
+        self._text_head = self._prefix + b'{"content":'
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None, extra: dict[str, Any] | None = None) -> bytes:
         if extra:
@@ -671,8 +676,12 @@ class ChatStreamEncoder:
         for event in events:
             kind = event.kind
             if kind == EventKind.TEXT:
-                if event.text:
+                if event.text and event.extra:
                     out.append(self._chunk({"content": event.text}, extra=event.extra))
+                elif event.text:
+                    # The chunk nearly every stream is made of: the bytes _chunk would write,
+                    # with only the text serialised per event.
+                    out.append(self._text_head + dumps(event.text) + _TEXT_CHUNK_TAIL)
             elif kind == EventKind.TOOL_CALL_DELTA:
                 slot = self._tool_slots.get(event.index, 0)
                 out.append(self._chunk({"tool_calls": [{"index": slot, "function": {"arguments": event.text}}]}))

@@ -651,6 +651,10 @@ class ResponsesStreamDecoder:
             raise ProxyError(502, f"upstream error mid-stream: {err.get('message', err)}", kind=err.get("code") or "upstream_error", in_stream=True)
 
 
+# A response.output_text.delta event up to its sequence number (see _text_delta).
+_TEXT_DELTA_HEAD = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
+
+
 class ResponsesStreamEncoder:
     """Canonical events → Responses SSE, the full event sequence Codex and the SDK expect."""
 
@@ -672,6 +676,18 @@ class ResponsesStreamEncoder:
         payload = {"type": kind, "sequence_number": self._seq, **payload}
         self._seq += 1
         return b"event: " + kind.encode() + b"\ndata: " + dumps(payload) + b"\n\n"
+
+    def _text_delta(self, entry: dict[str, Any], text: str) -> bytes:
+        """``response.output_text.delta`` for the message item ``entry``: what :meth:`_event`
+        writes, from bytes built once per item, since every delta of an item is the same
+        but for its sequence number and text (a dict and a dump per event cost more)."""
+        middle = entry.get("delta_bytes")
+        if middle is None:
+            position = b',"item_id":' + dumps(entry["item"]["id"]) + b',"output_index":%d' % entry["output_index"]
+            middle = entry["delta_bytes"] = position + b',"content_index":0,"delta":'
+        seq = self._seq
+        self._seq += 1
+        return _TEXT_DELTA_HEAD + b"%d" % seq + middle + dumps(text) + b',"logprobs":[]}\n\n'
 
     def _snapshot(self, status: str, usage: Usage | None = None, reason: str | None = None) -> dict[str, Any]:
         body = _response_object(self._id, self._model, status, [i["item"] for i in self._order if i.get("done")] if status != "in_progress" else [], usage, self._request, reason)
@@ -712,6 +728,8 @@ class ResponsesStreamEncoder:
         item = entry["item"]
         position = {"item_id": item["id"], "output_index": entry["output_index"]}
         if item["type"] == "message":
+            if "texts" in entry:  # a streamed text's pieces, joined once (see encode)
+                item["content"][0]["text"] = "".join(entry["texts"])
             text = item["content"][0]["text"]
             out.append(self._event("response.output_text.done", {**position, "content_index": 0, "text": text, "logprobs": []}))
             out.append(self._event("response.content_part.done", {**position, "content_index": 0, "part": item["content"][0]}))
@@ -748,12 +766,15 @@ class ResponsesStreamEncoder:
                 if entry is None or entry["item"]["type"] != "message":
                     item = _message_item(_new_id("msg"), "", "in_progress")
                     entry = self._add(event.index, item, out)
+                    # The text's pieces, joined into the item when it closes: adding to the
+                    # string per event would make a long answer quadratic.
+                    entry["texts"] = []
                     out.append(self._event("response.content_part.added", {"item_id": item["id"], "output_index": entry["output_index"], "content_index": 0,
                                                                            "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}))
                 if entry is not self._open:
                     continue
-                entry["item"]["content"][0]["text"] += event.text
-                out.append(self._event("response.output_text.delta", {"item_id": entry["item"]["id"], "output_index": entry["output_index"], "content_index": 0, "delta": event.text, "logprobs": []}))
+                entry["texts"].append(event.text)
+                out.append(self._text_delta(entry, event.text))
             elif kind == EventKind.TOOL_CALL_DELTA:
                 entry = self._items.get(event.index)
                 if entry is None or entry is not self._open:
