@@ -523,6 +523,22 @@ async def test_tool_scenario_on_every_fake(kind: str) -> None:
             assert [(c.name, c.args) for c in first.function_calls] == [("shell", {"command": ["echo", "hi"]})]
 
 
+async def test_scripting_for_repair_and_blocking_plugins(fake_openai: FakeOpenAI) -> None:
+    """raw_text, tool_arguments, shell_command and script_next (what the tool_repair,
+    json_repair and dangerous_commands tests script the fakes with)."""
+    tools: Any = [{"type": "function", "function": {"name": "shell", "parameters": {"type": "object", "properties": {"command": {"type": "array"}}}}}]
+    ask = [{"role": "user", "content": "run"}]
+    fake_openai.script(raw_text=True, text='<tool_call>{"name": "shell"}</tool_call>')  # tools offered, but text
+    first = await oai(fake_openai).chat.completions.create(model="m", messages=ask, tools=tools, response_format={"type": "json_object"})
+    assert first.choices[0].message.content == '<tool_call>{"name": "shell"}</tool_call>' and not first.choices[0].message.tool_calls
+    fake_openai.script(tool_scenario=True, shell_command="rm -rf /tmp/x")
+    fake_openai.script_next(tool_scenario=True, tool_arguments='{"command": ["ls",')  # only the next request
+    broken = await oai(fake_openai).chat.completions.create(model="m", messages=ask, tools=tools)
+    assert broken.choices[0].message.tool_calls[0].function.arguments == '{"command": ["ls",'
+    scripted = await oai(fake_openai).chat.completions.create(model="m", messages=ask, tools=tools)
+    assert json.loads(scripted.choices[0].message.tool_calls[0].function.arguments) == {"command": ["bash", "-lc", "rm -rf /tmp/x"]}
+
+
 # == every request the real clients made is one the fakes accept =================================
 
 CAPTURES = Path("/work/shared/clients/captures")
