@@ -31,7 +31,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, array, dumps, loads, sse_frame, string
+from .base import SSESplitter, array, dumps, loads, public_extra, sse_frame, string
 
 PROTOCOL = "anthropic"
 DEFAULT_MAX_TOKENS = 8192
@@ -73,10 +73,6 @@ ERROR_TYPES = {
     529: "overloaded_error",
     503: "overloaded_error",
 }
-
-
-def _public(extra: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in extra.items() if not k.startswith("_")}
 
 
 class AnthropicCodec:
@@ -172,7 +168,7 @@ class AnthropicCodec:
 
     def encode_request(self, request: Request, model: str) -> dict[str, Any]:
         same = request.protocol == PROTOCOL
-        body: dict[str, Any] = _public(request.extra) if same else {}
+        body: dict[str, Any] = public_extra(request.extra) if same else {}
         body["model"] = model
         params = request.params
         max_tokens = params.get("max_tokens") or DEFAULT_MAX_TOKENS

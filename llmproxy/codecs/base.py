@@ -71,6 +71,11 @@ def array(value: Any, where: str) -> list[Any]:
     return value
 
 
+def public_extra(extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` without a codec's private notes (keys starting with ``_``), for the wire."""
+    return {k: v for k, v in extra.items() if not k.startswith("_")}
+
+
 def string(value: Any, where: str) -> str:
     """``value`` if it is a string, else a 400 naming ``where`` (text fields of any protocol)."""
     if isinstance(value, str):

@@ -35,8 +35,8 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, array, dumps, loads, sse_frame, string
-from .openai_chat import image_from_url, image_to_url
+from .base import SSESplitter, array, dumps, loads, public_extra, sse_frame, string
+from .openai_chat import effort_for_budget, image_from_url, image_to_url
 
 PROTOCOL = "openai_responses"
 
@@ -49,10 +49,6 @@ _KNOWN_KEYS = frozenset(
 _ASSISTANT_ITEMS = frozenset(("reasoning", "function_call"))
 # Stop reasons the API reports as an ``incomplete`` response, with its incomplete_details.reason.
 INCOMPLETE_REASONS = {"max_tokens": "max_output_tokens", "content_filter": "content_filter"}
-
-
-def _public(extra: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in extra.items() if not k.startswith("_")}
 
 
 def _new_id(prefix: str) -> str:
@@ -207,7 +203,7 @@ class OpenAIResponsesCodec:
 
     def encode_request(self, request: Request, model: str) -> dict[str, Any]:
         same = request.protocol == PROTOCOL
-        body: dict[str, Any] = _public(request.extra) if same else {}
+        body: dict[str, Any] = public_extra(request.extra) if same else {}
         body["model"] = model
         items: list[dict[str, Any]] = []
         instructions = []
@@ -226,7 +222,7 @@ class OpenAIResponsesCodec:
                 last_index = index
                 meta = part.extra.get("_item", {})
                 role = part.extra.get("_role", "developer")
-                item = {**({"type": "message"} if meta.get("_typed", True) else {}), **_public(meta), "role": role, "content": [content]}
+                item = {**({"type": "message"} if meta.get("_typed", True) else {}), **public_extra(meta), "role": role, "content": [content]}
             else:
                 item = {"type": "message", "role": "developer", "content": [content]}
             items.append(item)
@@ -270,7 +266,7 @@ class OpenAIResponsesCodec:
         if same and reasoning:
             body["reasoning"] = reasoning
         elif reasoning.get("effort") or reasoning.get("budget_tokens"):
-            effort = reasoning.get("effort") or _effort_for_budget(reasoning["budget_tokens"])
+            effort = reasoning.get("effort") or effort_for_budget(reasoning["budget_tokens"])
             body["reasoning"] = {"effort": effort, "summary": "auto"}
         text: dict[str, Any] = dict(request.extra.get("_text", {})) if same else {}
         fmt = request.response_format
@@ -331,14 +327,6 @@ class OpenAIResponsesCodec:
 
     def error_event(self, error: ProxyError) -> bytes:
         return ResponsesStreamEncoder("", None).failed(error)
-
-
-def _effort_for_budget(budget: Any) -> str:
-    try:
-        budget = int(budget)
-    except (TypeError, ValueError):
-        return "medium"
-    return "low" if budget <= 2048 else "medium" if budget <= 8192 else "high"
 
 
 def decode_usage(usage: Any) -> Usage:
@@ -455,7 +443,7 @@ def _encode_message(message: Message, same: bool) -> list[dict[str, Any]]:
             content = item["content"]
             if message.extra.get("_string") and len(content) == 1 and content[0]["type"] == "input_text" and len(content[0]) == 2:
                 content = content[0]["text"]
-            item = {**({"type": "message"} if message.extra.get("_typed", True) else {}), **_public(message.extra), "role": role, "content": content}
+            item = {**({"type": "message"} if message.extra.get("_typed", True) else {}), **public_extra(message.extra), "role": role, "content": content}
         items.append(item)
     items.extend(opaque)
     return items
