@@ -133,6 +133,25 @@ def _is_gemini_client(request: web.Request) -> bool:
     return "x-goog-api-key" in headers or "x-goog-api-client" in headers or "key" in request.query
 
 
+def _gemini_model(name: str) -> dict[str, Any]:
+    return {
+        "name": f"models/{name}",
+        "displayName": name,
+        "description": "served by llmproxy",
+        "inputTokenLimit": 1_048_576,
+        "outputTokenLimit": 65_536,
+        "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens", "embedContent"],
+    }
+
+
+def _listed_model(ctx: ProxyContext, name: str) -> dict[str, Any]:
+    """One entry both SDKs read: OpenAI's fields and Anthropic's."""
+    backend, sep, _ = name.partition(":")
+    owner = backend if sep and backend in ctx.providers else ("llmproxy" if name in ctx.config.models else ctx.config.default_backend)
+    return {"id": name, "object": "model", "created": 0, "owned_by": owner,
+            "type": "model", "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
+
+
 async def list_models(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     gemini = request.path.startswith("/v1beta") or _is_gemini_client(request)
@@ -143,29 +162,27 @@ async def list_models(request: web.Request) -> web.StreamResponse:
         return error_response(codec, error)
     names = ctx.router.known_models()
     if gemini:
-        body: dict[str, Any] = {
-            "models": [
-                {
-                    "name": f"models/{name}",
-                    "displayName": name,
-                    "description": "served by llmproxy",
-                    "inputTokenLimit": 1_048_576,
-                    "outputTokenLimit": 65_536,
-                    "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"],
-                }
-                for name in names
-            ]
-        }
+        body: dict[str, Any] = {"models": [_gemini_model(name) for name in names]}
     else:
-        data = []
-        for name in names:
-            backend, sep, _ = name.partition(":")
-            owner = backend if sep and backend in ctx.providers else ("llmproxy" if name in ctx.config.models else ctx.config.default_backend)
-            # One entry both SDKs read: OpenAI's fields and Anthropic's.
-            data.append({"id": name, "object": "model", "created": 0, "owned_by": owner,
-                         "type": "model", "display_name": name, "created_at": "1970-01-01T00:00:00Z"})
+        data = [_listed_model(ctx, name) for name in names]
         body = {"object": "list", "data": data, "has_more": False,
                 "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    return web.Response(body=dumps(body), content_type="application/json")
+
+
+async def get_model(request: web.Request) -> web.StreamResponse:
+    """One model (the SDKs' ``models.retrieve``/``models.get``): any name the router would
+    serve, in the caller's format; 404 listing what exists otherwise."""
+    ctx = request.app[CONTEXT]
+    name = request.match_info["model"].removeprefix("models/")
+    gemini = request.path.startswith("/v1beta") or _is_gemini_client(request)
+    codec = GEMINI if gemini else ANTHROPIC if "anthropic-version" in request.headers else OPENAI_CHAT
+    try:
+        authenticate(request, ctx)
+        ctx.router.resolve(name)
+    except ProxyError as error:
+        return error_response(codec, error)
+    body = _gemini_model(name) if gemini else _listed_model(ctx, name)
     return web.Response(body=dumps(body), content_type="application/json")
 
 
@@ -182,3 +199,5 @@ def add_routes(app: web.Application) -> None:
     for version in ("/v1beta", "/v1"):
         routes.add_post(version + "/models/{target}", gemini_model_call)
     routes.add_get("/v1beta/models", list_models)
+    for prefix in ("/v1beta", "/v1", "/anthropic/v1", ""):
+        routes.add_get(prefix + "/models/{model}", get_model)

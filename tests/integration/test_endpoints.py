@@ -190,3 +190,28 @@ async def test_count_tokens_runs_the_request_chain(fake_anthropic, monkeypatch):
         assert len(fake_anthropic.requests) == seen  # never reached the backend
     finally:
         await proxy.stop()
+
+
+async def test_models_retrieve_in_each_sdk(fake_openai, monkeypatch):
+    """openai models.retrieve, anthropic models.retrieve and genai models.get find a model
+    the proxy serves, and a 404 in the caller's protocol for one it does not."""
+    import anthropic
+    from google import genai
+    from google.genai import errors as genai_errors
+    from google.genai import types
+
+    config = {"backends": {"up": {"type": "openai", "base_url": fake_openai.base_url, "models": ["gpt-x"]}}, "default_backend": "up"}
+    proxy = await start_proxy(config, plugins=BUILTINS, entry_points=False)
+    try:
+        oai = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        assert (await oai.models.retrieve("gpt-x")).id == "gpt-x"
+        with pytest.raises(openai.NotFoundError):
+            await oai.models.retrieve("nope")
+        ant = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+        assert (await ant.models.retrieve("up:gpt-x")).id == "up:gpt-x"
+        gem = genai.Client(api_key="x", http_options=types.HttpOptions(base_url=proxy.url, api_version="v1beta"))
+        assert (await gem.aio.models.get(model="gpt-x")).name == "models/gpt-x"
+        with pytest.raises(genai_errors.ClientError):
+            await gem.aio.models.get(model="nope")
+    finally:
+        await proxy.stop()
