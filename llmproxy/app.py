@@ -171,6 +171,7 @@ async def drain(runner: web.AppRunner, ctx: ProxyContext, timeout: float) -> Non
     _, late = await asyncio.wait(set(ctx.inflight), timeout=timeout)
     if late:
         log.warning("%d request(s) still running after %.0fs; cancelling them", len(late), timeout)
+        ctx.stopping = True
         for task in late:
             task.cancel()
         await asyncio.wait(late, timeout=1.0)

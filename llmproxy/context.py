@@ -43,6 +43,7 @@ class ProxyContext:
         self.client_keys: list[tuple[str, bytes]] = []  # (name, key) pairs, set by the app factory
         self.sessions = SessionStore(config.proxy.session_ttl, config.proxy.max_sessions)
         self.inflight: set[asyncio.Task[Any]] = set()  # requests being served, for the shutdown drain
+        self.stopping = False  # set when the drain gives up on what is still running
         self._secrets: dict[str, tuple[tuple[str, ...], tuple[Pattern, ...]]] = {}
         self._redactor: Redactor | None = None
 

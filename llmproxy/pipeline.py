@@ -112,6 +112,16 @@ async def handle(
     except ProxyError as error:
         await _fail(flow, ctx, writer, error)
     except asyncio.CancelledError:
+        if ctx.stopping:
+            # Cut by the shutdown drain, not by the client: say so in the stream's protocol.
+            flow.error = ProxyError(503, "llmproxy is shutting down")
+            if writer.started:
+                try:
+                    await asyncio.wait_for(writer.stream_error(flow.error), 1.0)
+                except BaseException:  # noqa: BLE001 - best effort while being cancelled
+                    pass
+            _spawn(_done(flow, ctx))
+            raise
         # The client went away; the upstream was closed on the way out. Finish the books
         # in the background: this task may not await anything any more.
         flow.error = ProxyError(499, "client disconnected")
