@@ -24,8 +24,8 @@ watch the second one). Reasoning is released as it arrives so that a reasoning m
 thinking shows live; a stream that *reasons and then* ends empty has therefore been seen by
 the client and is not retried (a non-streamed one is).
 
-Cost: the ``response`` hook decodes every non-streamed chat answer; the processor makes
-every chat stream decoded (loop detection, on by default, does so anyway) and costs about
+Cost: the ``response`` hook decodes every non-streamed chat answer; streams are watched per
+``streams`` (default: those of requests offering tools, which are decoded anyway), about
 0.03 µs per event once the answer has begun.
 
 Settings: ``plugins.empty_recovery`` (see :class:`EmptyRecoverySettings`).
@@ -34,9 +34,9 @@ Settings: ``plugins.empty_recovery`` (see :class:`EmptyRecoverySettings`).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, field_validator, ConfigDict, Field
 
 from llmproxy import Flow, ProxyError, hookimpl
 from llmproxy.canonical import EventKind, Message, Response, StreamEvent, TextPart, ThinkingPart
@@ -63,11 +63,18 @@ class EmptyRecoverySettings(BaseModel):
         min_length=1,
         description="The note appended to the request, as the user's, when the answer is asked for again.",
     )
-    streams: bool = Field(
-        True,
-        description="Recover streamed answers too. Events are held only until the first real content, so a "
-        "normal answer is not delayed, but every chat stream is then decoded.",
+    streams: Literal["all", "with_tools", "off"] = Field(
+        "with_tools",
+        description="Which streamed answers to recover. Events are held only until the first real content, so a "
+        "normal answer is not delayed, but a watched stream is decoded. with_tools (default): streams of requests "
+        "that offer tools (agent traffic, decoded anyway by the tool-watching plugins); all: every chat stream; "
+        "off: none (true and false mean all and off).",
     )
+
+    @field_validator("streams", mode="before")
+    @classmethod
+    def _booleans(cls, value: Any) -> Any:
+        return {True: "all", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 _DEFAULTS = EmptyRecoverySettings()
@@ -135,8 +142,11 @@ async def response(flow: Flow) -> None:
 @hookimpl(tryfirst=True)
 def stream_start(flow: Flow) -> Optional[Callable[[Optional[StreamEvent]], Any]]:
     # tryfirst: the watch must see the backend's events before any other processor acts on them
-    if flow.metadata.get(NAME) or flow.has_response or not _settings(flow).streams:
+    streams = _settings(flow).streams
+    if flow.metadata.get(NAME) or flow.has_response or streams == "off":
         return None  # the retry itself, or a plugin's own answer: nothing to ask again
+    if streams == "with_tools" and not flow.raw_request.get("tools"):
+        return None  # a plain chat stream keeps the pass-through path
     return watch_stream(flow)
 
 

@@ -143,7 +143,8 @@ async def launch() -> AsyncIterator[Launch]:
             "proxy": {"drain_timeout": 0},
             "backends": {"up": {"type": backend_type, "base_url": fake.base_url, "api_keys": ["${EMPTY_UPSTREAM_KEY}"]}},
             "default_backend": "up",
-            "plugins": {"empty_recovery": settings},
+            # most tests watch every stream; streams=None keeps the default (streams with tools)
+            "plugins": {"empty_recovery": {"streams": "all", **settings} if settings.get("streams", "all") is not None else {k: v for k, v in settings.items() if k != "streams"}},
         }
         plugins: list[tuple[str, Any]] = [("openai", llmproxy_openai), ("anthropic", llmproxy_anthropic), ("gemini", llmproxy_gemini)]
         if decoding:

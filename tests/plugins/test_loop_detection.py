@@ -351,7 +351,8 @@ async def launch() -> AsyncIterator[Launch]:
             "proxy": {"drain_timeout": 0},
             "backends": {"up": {"type": backend_type, "base_url": fake.base_url, "api_keys": ["${LOOPS_UPSTREAM_KEY}"]}},
             "default_backend": "up",
-            "plugins": {"loop_detection": settings},
+            # most tests watch every stream; streams=None keeps the default (streams with tools)
+            "plugins": {"loop_detection": {"streams": "all", **settings} if settings.get("streams", "all") is not None else {k: v for k, v in settings.items() if k != "streams"}},
         }
         plugins = [("openai", llmproxy_openai), ("anthropic", llmproxy_anthropic), ("gemini", llmproxy_gemini), ("loop_detection", llmproxy_loop_detection)]
         proxy = await start_proxy(config, plugins=plugins, entry_points=False)
@@ -383,6 +384,22 @@ async def test_a_looping_stream_ends_early_and_the_backend_is_no_longer_read(fak
     assert 6 <= text.count("configuration file again") < 10
     # llmproxy closed the upstream connection: the fake saw its peer go before it was done
     await asyncio.wait_for(fake_openai.last.disconnected.wait(), BOUND)
+
+
+async def test_by_default_only_streams_offering_tools_are_watched(fake_openai: FakeOpenAI, launch: Launch) -> None:
+    """The default (streams: with_tools): agent streams are watched; a plain chat stream keeps
+    the pass-through path, so its bytes reach the client exactly as the backend sent them."""
+    fake_openai.script(text=LOOPING_TEXT)
+    proxy = await launch(fake_openai, streams=None)
+    shell = {"type": "function", "function": {"name": "shell", "parameters": {"type": "object", "properties": {"command": {"type": "string"}}}}}
+    async with openai_client(proxy) as client:
+        plain = "".join([c.choices[0].delta.content or "" async for c in await client.chat.completions.create(
+            model="gpt-5", messages=[{"role": "user", "content": "check it"}], stream=True) if c.choices])
+        assert NOTICE not in plain and plain.count("configuration file again") > 10
+        assert fake_openai.last.sent.startswith(b"data: ")
+        watched = "".join([c.choices[0].delta.content or "" async for c in await client.chat.completions.create(
+            model="gpt-5", messages=[{"role": "user", "content": "check it"}], stream=True, tools=[shell], tool_choice="none") if c.choices])
+        assert NOTICE in watched and watched.count("configuration file again") < 10
 
 
 async def test_a_looping_answer_is_cut_after_its_first_copy(fake_openai: FakeOpenAI, launch: Launch) -> None:
@@ -556,11 +573,13 @@ def test_a_stream_that_cannot_hold_a_loop_is_not_watched() -> None:
         return flow
 
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    assert llmproxy_loop_detection.stream_start(flow_with()) is not None
+    # by default (streams: with_tools) only streams that offer tools are watched
+    assert llmproxy_loop_detection.stream_start(flow_with()) is None
+    assert llmproxy_loop_detection.stream_start(flow_with(tools=[tool])) is not None
     assert llmproxy_loop_detection.stream_start(flow_with(tools=[tool], tool_choice="auto")) is not None
     assert llmproxy_loop_detection.stream_start(flow_with(tools=[tool], tool_choice="required")) is None  # only a tool call can come
-    assert llmproxy_loop_detection.stream_start(flow_with(max_tokens=1)) is None  # a quota probe
-    assert llmproxy_loop_detection.stream_start(flow_with(max_tokens=1000)) is not None
+    assert llmproxy_loop_detection.stream_start(flow_with(tools=[tool], max_tokens=1)) is None  # a quota probe
+    assert llmproxy_loop_detection.stream_start(flow_with(tools=[tool], max_tokens=1000)) is not None
     # not decoded: not decoded for this either, and watched
-    undecoded = build_flow({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 1})
+    undecoded = build_flow({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 1, "tools": [tool]})
     assert llmproxy_loop_detection.stream_start(undecoded) is not None and not undecoded.request_decoded
