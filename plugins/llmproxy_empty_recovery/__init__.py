@@ -63,6 +63,11 @@ class EmptyRecoverySettings(BaseModel):
         min_length=1,
         description="The note appended to the request, as the user's, when the answer is asked for again.",
     )
+    answers: Literal["all", "with_tools"] = Field(
+        "with_tools",
+        description="Which non-streamed answers to recover: with_tools (default) those of requests that offer tools, "
+        "so a plain chat answer goes out as the backend sent it, undecoded; all: every chat answer.",
+    )
     streams: Literal["all", "with_tools", "off"] = Field(
         "with_tools",
         description="Which streamed answers to recover. Events are held only until the first real content, so a "
@@ -124,6 +129,8 @@ def plugin_settings() -> type[BaseModel]:
 async def response(flow: Flow) -> None:
     if not flow.attempts or flow.metadata.get(NAME):
         return  # answered by a plugin, not a backend; or retried already
+    if _settings(flow).answers == "with_tools" and not flow.raw_request.get("tools"):
+        return  # reading the answer would decode it; a plain chat answer passes as it came
     first = flow.response
     if first is None or first.stop_reason not in _RETRY_STOPS or not is_empty(first):
         return

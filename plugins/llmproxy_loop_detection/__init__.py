@@ -76,6 +76,11 @@ class LoopDetectionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: bool = Field(True, description="Stop answers whose text repeats itself, streamed or not.")
+    answers: Literal["all", "with_tools"] = Field(
+        "with_tools",
+        description="Which non-streamed answers to check: with_tools (default) those of requests that offer tools, "
+        "so a plain chat answer goes out as the backend sent it, undecoded; all: every chat answer.",
+    )
     streams: Literal["all", "with_tools", "off"] = Field(
         "with_tools",
         description="Which streams to watch for text loops. with_tools (default): streams of requests that offer "
@@ -328,6 +333,8 @@ def response(flow: Flow) -> None:
     settings = _settings(flow)
     if not (settings.text or settings.thinking):
         return
+    if settings.answers == "with_tools" and not flow.raw_request.get("tools"):
+        return  # reading the answer would decode it; a plain chat answer passes as it came
     answer = flow.response
     if answer is None:
         return

@@ -144,7 +144,7 @@ async def launch() -> AsyncIterator[Launch]:
             "backends": {"up": {"type": backend_type, "base_url": fake.base_url, "api_keys": ["${EMPTY_UPSTREAM_KEY}"]}},
             "default_backend": "up",
             # most tests watch every stream; streams=None keeps the default (streams with tools)
-            "plugins": {"empty_recovery": {"streams": "all", **settings} if settings.get("streams", "all") is not None else {k: v for k, v in settings.items() if k != "streams"}},
+            "plugins": {"empty_recovery": {"streams": "all", "answers": "all", **settings} if settings.get("streams", "all") is not None else {k: v for k, v in settings.items() if k != "streams"}},
         }
         plugins: list[tuple[str, Any]] = [("openai", llmproxy_openai), ("anthropic", llmproxy_anthropic), ("gemini", llmproxy_gemini)]
         if decoding:

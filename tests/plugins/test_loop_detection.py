@@ -315,7 +315,8 @@ def test_reasoning_loops_are_watched_only_when_asked() -> None:
 
 
 def test_the_response_hook_cuts_a_looping_answer_after_its_first_copy() -> None:
-    flow = build_flow({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    tool = {"type": "function", "function": {"name": "Bash", "parameters": {"type": "object"}}}
+    flow = build_flow({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [tool]})
     text = "Here is the plan.\n" + "I will now check the configuration file again.\n" * 30
     flow.response = Response(model="m", parts=[TextPart(text), ToolCallPart("c", "Bash", "{}")], stop_reason="max_tokens")
     response_hook(flow)
@@ -327,6 +328,11 @@ def test_the_response_hook_cuts_a_looping_answer_after_its_first_copy() -> None:
     flow.response = Response(model="m", parts=[TextPart(TABLE), ThinkingPart("x" * 500)])
     response_hook(flow)
     assert flow.response.text == TABLE
+    # by default (answers: with_tools) a plain chat answer is not even read
+    plain = build_flow({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    plain.response = Response(model="m", parts=[TextPart(text)])
+    response_hook(plain)
+    assert plain.response.text == text
 
 
 # -- end to end ----------------------------------------------------------------------------------
@@ -352,7 +358,7 @@ async def launch() -> AsyncIterator[Launch]:
             "backends": {"up": {"type": backend_type, "base_url": fake.base_url, "api_keys": ["${LOOPS_UPSTREAM_KEY}"]}},
             "default_backend": "up",
             # most tests watch every stream; streams=None keeps the default (streams with tools)
-            "plugins": {"loop_detection": {"streams": "all", **settings} if settings.get("streams", "all") is not None else {k: v for k, v in settings.items() if k != "streams"}},
+            "plugins": {"loop_detection": {"streams": "all", "answers": "all", **settings} if settings.get("streams", "all") is not None else {k: v for k, v in settings.items() if k != "streams"}},
         }
         plugins = [("openai", llmproxy_openai), ("anthropic", llmproxy_anthropic), ("gemini", llmproxy_gemini), ("loop_detection", llmproxy_loop_detection)]
         proxy = await start_proxy(config, plugins=plugins, entry_points=False)
