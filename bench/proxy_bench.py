@@ -11,7 +11,9 @@ What runs, each in its own process, all on 127.0.0.1:
 - a fake OpenAI Chat Completions backend. Non-streamed requests get a small
   ``chat.completion`` JSON body. Streamed requests get ``chat.completion.chunk`` events ending
   in ``data: [DONE]``, in one of two modes: **burst** writes many events per write, **paced**
-  writes one event per write and sleeps ``--pace-ms`` in between, as real models do.
+  writes one event per write (``--paced-group``) and sleeps ``--pace-ms`` in between, as real
+  models do. The text is a fixed pseudo-random sequence of words, not one sentence repeated
+  (which the built-in loop_detection plugin would rightly cut short).
 - (a) **llmproxy**, the ``llmproxy`` console script, with a generated config.yaml: one
   ``type: openai`` backend pointing at the fake backend, every built-in plugin enabled, and
   ``log_level: warning``.
@@ -41,6 +43,18 @@ Also measured for llmproxy: the time from spawning the process to the first 200 
 ``/healthz`` and the resident memory (VmRSS) when idle after start-up, over ``--starts`` fresh
 starts, and the time a SIGTERM takes to stop it (exit status 0).
 
+``--cross`` measures the cross-protocol path: the load generator speaks Anthropic Messages
+(``POST /v1/messages``, streamed answers checked event by event: every ``event:`` line,
+``message_start`` … ``message_stop``, the text) while llmproxy's backend stays the OpenAI Chat
+fake, so llmproxy decodes every chunk, maps it to canonical events and encodes Anthropic
+events. The bare proxy cannot translate: it forwards the same request to the backend, which
+answers in OpenAI Chat on ``/v1/messages`` too, so the ratios are then llmproxy translating vs
+bare forwarding. ``--burst-size N`` (alias of ``--burst-group``) sets the events per write of
+burst streams; 100 is the harshest case for a proxy that decodes every event. A proxy slower
+than the backend reads several of those writes at once, though; ``--paced-group N`` makes
+each paced write N events, read on its own (the backend waits ``--pace-ms`` between writes),
+which is how "a few events per read" from a real model looks to both proxies.
+
 ``--profile-llmproxy out.prof`` runs llmproxy under cProfile instead (its CPU figures are then
 inflated by the profiler; read the profile with ``python -m pstats out.prof``).
 
@@ -59,6 +73,8 @@ import importlib.util
 import json
 import os
 import platform
+import random
+import re
 import select
 import shutil
 import signal
@@ -78,6 +94,9 @@ from aiohttp import web
 # -- the fake backend's answers ----------------------------------------------------------------
 
 CHAT_PATH = "/v1/chat/completions"
+# --cross: the load generator speaks Anthropic Messages (see cross_request_body).
+MESSAGES_PATH = "/v1/messages"
+ANTHROPIC_VERSION = "2023-06-01"
 MODEL = "gpt-4o-mini"
 SERVED_MODEL = "gpt-4o-mini-2024-07-18"
 FINGERPRINT = "fp_0ba0d124f1"
@@ -88,8 +107,16 @@ JSON_ANSWER_WORDS = 40
 MIN_EVENTS = 4
 
 
+def answer_words(words: int) -> list[str]:
+    """The first ``words`` words of the fake answer: ``WORDS`` in a fixed pseudo-random order.
+    Not the sentence over and over: a text that repeats itself is what the built-in
+    loop_detection plugin stops (it would cut long streams short, rightly)."""
+    rng = random.Random(20241122)  # the same words in every process, and a prefix of any longer answer
+    return [rng.choice(WORDS) for _ in range(words)]
+
+
 def answer_text(words: int) -> str:
-    return "".join(WORDS[i % len(WORDS)] for i in range(words))
+    return "".join(answer_words(words))
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -107,7 +134,7 @@ def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
 def stream_frames(events: int) -> list[bytes]:
     """``events`` SSE frames: a role chunk, content chunks, a finish chunk and ``[DONE]``."""
     frames = [_chunk({"role": "assistant", "content": "", "refusal": None})]
-    frames += [_chunk({"content": WORDS[i % len(WORDS)]}) for i in range(events - 3)]
+    frames += [_chunk({"content": word}) for word in answer_words(events - 3)]
     frames.append(_chunk({}, "stop"))
     frames.append(b"data: [DONE]\n\n")
     return frames
@@ -132,26 +159,45 @@ def json_answer() -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+# In --cross mode the workload travels in the prompt: translating to another protocol keeps
+# the messages but drops the unknown top-level fields ``bench_mode`` and ``bench_events``.
+BENCH_MARKER = re.compile(rb"\[bench mode=(\w+) events=(\d+)\]")
+
+
+def workload_of(raw: bytes, body: dict[str, Any]) -> tuple[str, int]:
+    """(mode, events) a streamed request asks for: the extra fields, else the prompt marker."""
+    if "bench_mode" in body:
+        return body["bench_mode"], int(body.get("bench_events", 8))
+    found = BENCH_MARKER.search(raw)
+    if found is None:
+        return "burst", 8
+    return found.group(1).decode(), int(found.group(2))
+
+
 def serve_backend(args: argparse.Namespace) -> None:
-    """The fake backend. The request's extra fields ``bench_mode`` and ``bench_events`` say
-    what to send; an OpenAI-compatible proxy passes unknown fields through."""
+    """The fake backend. The request's extra fields ``bench_mode`` and ``bench_events`` (or,
+    in --cross mode, a marker in the prompt) say what to send; an OpenAI-compatible proxy
+    passes unknown fields through. It answers in OpenAI Chat on both of its paths:
+    ``/v1/chat/completions``, and ``/v1/messages``, where a bare proxy in --cross mode
+    forwards the Anthropic client's request unchanged (it cannot translate)."""
     answer = json_answer()
     frames_cache: dict[int, list[bytes]] = {}
     pace = args.pace_ms / 1000
 
     async def completions(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+        raw = await request.read()
+        body = json.loads(raw)
         if not body.get("stream"):
             return web.Response(body=answer, content_type="application/json")
-        events = int(body.get("bench_events", 8))
+        mode, events = workload_of(raw, body)
         frames = frames_cache.get(events) or frames_cache.setdefault(events, stream_frames(events))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        if body.get("bench_mode") == "paced":
-            last = len(frames) - 1
-            for i, frame in enumerate(frames):
-                await response.write(frame)
-                if i < last:
+        if mode == "paced":
+            group = args.paced_group
+            for i in range(0, len(frames), group):
+                await response.write(b"".join(frames[i:i + group]))
+                if i + group < len(frames):
                     await asyncio.sleep(pace)
         else:
             group = args.burst_group
@@ -162,6 +208,7 @@ def serve_backend(args: argparse.Namespace) -> None:
 
     app = web.Application()
     app.router.add_post(CHAT_PATH, completions)
+    app.router.add_post(MESSAGES_PATH, completions)
     _serve_and_report(app, args.loop)
 
 
@@ -512,6 +559,24 @@ def request_body(workload: Workload) -> bytes:
     return json.dumps(body).encode()
 
 
+def cross_request_body(workload: Workload) -> bytes:
+    """The same request as an Anthropic Messages client writes it (--cross). What to stream
+    is said in the prompt: llmproxy keeps the messages when it translates, not unknown fields."""
+    prompt = ("Explain in a few sentences what an intercepting proxy for LLM traffic does, "
+              "and why a developer might put one between a coding agent and its model.")
+    if workload.stream:
+        prompt += f" [bench mode={workload.mode} events={workload.events}]"
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": 1024,
+        "system": "You are a concise assistant. Answer in one paragraph.",
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0.2,
+        "stream": workload.stream,
+    }
+    return json.dumps(body).encode()
+
+
 class CheckFailed(Exception):
     pass
 
@@ -525,11 +590,18 @@ def check_json(status: int, body: bytes, expected_text: str) -> None:
         raise CheckFailed(f"wrong text: {text[:80]!r}")
 
 
-def check_stream(status: int, body: bytes, events: int, expected_text: str, sent: bytes = b"") -> None:
+def check_stream(status: int, body: bytes, events: int, expected_text: str, sent: bytes = b"",
+                 verified: dict[str, bytes] | None = None) -> None:
+    """An OpenAI Chat stream with the backend's events and text. A stream llmproxy decoded
+    and encoded again (stream processors are loaded) is not byte for byte what the backend
+    sent; parsing every such 4000-event answer would make the load generator the bottleneck,
+    so one equal to an answer already checked in full in this slice passes as it is."""
     if status != 200:
         raise CheckFailed(f"status {status}: {body[:300]!r}")
     if body == sent:
         return  # forwarded byte for byte: nothing more to check, and cheap enough for long bursts
+    if verified is not None and verified.get("body") == body:
+        return
     if not body.endswith(b"\n\n"):
         raise CheckFailed(f"stream does not end with a blank line: {body[-80:]!r}")
     frames = body.replace(b"\r\n", b"\n")[:-2].split(b"\n\n")
@@ -549,6 +621,85 @@ def check_stream(status: int, body: bytes, events: int, expected_text: str, sent
         raise CheckFailed(f"wrong text: {''.join(text)[:80]!r}")
     if finish != "stop":
         raise CheckFailed(f"finish_reason {finish!r}, expected 'stop'")
+    if verified is not None:
+        verified["body"] = body
+
+
+def check_anthropic_json(status: int, body: bytes, expected_text: str) -> None:
+    """A non-streamed Anthropic ``message`` with the expected text (--cross, llmproxy)."""
+    if status != 200:
+        raise CheckFailed(f"status {status}: {body[:300]!r}")
+    data = json.loads(body)
+    if data.get("type") != "message" or data.get("role") != "assistant":
+        raise CheckFailed(f"not an Anthropic message: {body[:200]!r}")
+    text = "".join(block["text"] for block in data["content"] if block["type"] == "text")
+    if text != expected_text:
+        raise CheckFailed(f"wrong text: {text[:80]!r}")
+    if data.get("stop_reason") != "end_turn":
+        raise CheckFailed(f"stop_reason {data.get('stop_reason')!r}, expected 'end_turn'")
+
+
+# The order of Anthropic stream events for one text block: message_start, ping, the block's
+# start, its deltas and its stop, message_delta (stop reason, usage), message_stop.
+ANTHROPIC_HEAD = ("message_start", "ping", "content_block_start")
+ANTHROPIC_TAIL = ("content_block_stop", "message_delta", "message_stop")
+
+
+def check_anthropic_stream(status: int, body: bytes, events: int, expected_text: str, verified: dict[str, bytes]) -> None:
+    """An Anthropic Messages stream carrying the backend's ``events`` (--cross, llmproxy).
+
+    Every frame needs its ``event:`` line, matching the ``type`` of its data; the events come
+    in Anthropic's order; one ``text_delta`` per content chunk the backend sent, joining to
+    the expected text; stop reason ``end_turn``. Parsing a 4000-event stream per answer
+    would make the load generator the bottleneck, so the first answer of a slice is checked
+    in full and each later one must equal it byte for byte after ``message_start``, which is
+    the only frame that differs between answers (its message id is minted per stream) and is
+    checked on its own every time.
+    """
+    if status != 200:
+        raise CheckFailed(f"status {status}: {body[:300]!r}")
+    first_end = body.find(b"\n\n")
+    first, rest = body[: first_end + 2], body[first_end + 2 :]
+    _, start = _anthropic_frame(first[:-2])
+    message = start.get("message") or {}
+    if start.get("type") != "message_start" or message.get("role") != "assistant" or not str(message.get("id", "")).startswith("msg_"):
+        raise CheckFailed(f"first event is not a valid message_start: {first[:200]!r}")
+    if verified.get("rest") == rest:
+        return
+    if not body.endswith(b"\n\n"):
+        raise CheckFailed(f"stream does not end with a blank line: {body[-80:]!r}")
+    frames = [_anthropic_frame(frame) for frame in body[:-2].split(b"\n\n")]
+    names = [name for name, _ in frames]
+    deltas = events - 3  # the backend's role chunk, finish chunk and [DONE] carry no text
+    expected_names = [*ANTHROPIC_HEAD, *["content_block_delta"] * deltas, *ANTHROPIC_TAIL]
+    if names != expected_names:
+        raise CheckFailed(f"events out of order or missing: got {len(names)}, starting {names[:4]}, ending {names[-4:]}")
+    text = []
+    for name, data in frames:
+        if name == "content_block_delta":
+            if data["index"] != 0 or data["delta"]["type"] != "text_delta":
+                raise CheckFailed(f"unexpected delta: {data!r}")
+            text.append(data["delta"]["text"])
+        elif name in ("content_block_start", "content_block_stop") and data["index"] != 0:
+            raise CheckFailed(f"unexpected block index: {data!r}")
+    if "".join(text) != expected_text:
+        raise CheckFailed(f"wrong text: {''.join(text)[:80]!r}")
+    stop = frames[-2][1]["delta"]["stop_reason"]
+    if stop != "end_turn":
+        raise CheckFailed(f"stop_reason {stop!r}, expected 'end_turn'")
+    verified["rest"] = rest
+
+
+def _anthropic_frame(frame: bytes) -> tuple[str, dict[str, Any]]:
+    """(event name, data) of one Anthropic SSE frame: an ``event:`` line, then one ``data:`` line."""
+    lines = frame.split(b"\n")
+    if len(lines) != 2 or not lines[0].startswith(b"event: ") or not lines[1].startswith(b"data: "):
+        raise CheckFailed(f"not an 'event:' + 'data:' frame: {frame[:120]!r}")
+    name = lines[0][7:].decode()
+    data = json.loads(lines[1][6:])
+    if data.get("type") != name:
+        raise CheckFailed(f"event: {name} carries data of type {data.get('type')!r}")
+    return name, data
 
 
 @dataclass
@@ -564,11 +715,19 @@ class SliceResult:
     latencies_ms: list[float] = field(default_factory=list)
 
 
-async def run_slice(session: aiohttp.ClientSession, url: str, workload: Workload, concurrency: int) -> list[float]:
+async def run_slice(session: aiohttp.ClientSession, url: str, workload: Workload, concurrency: int,
+                    cross: bool = False, translated: bool = False) -> list[float]:
     """Start ``workload.requests`` requests at ``workload.rate`` per second, at most
-    ``concurrency`` in flight; check every answer. Returns the latencies in ms."""
-    body = request_body(workload)
+    ``concurrency`` in flight; check every answer. Returns the latencies in ms.
+
+    ``cross``: send Anthropic Messages requests. ``translated``: the answer comes back as
+    Anthropic Messages (llmproxy translated it); otherwise it is the backend's OpenAI Chat
+    answer, forwarded."""
+    body = cross_request_body(workload) if cross else request_body(workload)
     headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
+    if cross:
+        headers |= {"x-api-key": "sk-bench", "anthropic-version": ANTHROPIC_VERSION}
+    verified: dict[str, bytes] = {}
     expected = answer_text(workload.events - 3) if workload.stream else answer_text(JSON_ANSWER_WORDS)
     sent = b"".join(stream_frames(workload.events)) if workload.stream else b""
     latencies: list[float] = []
@@ -581,8 +740,12 @@ async def run_slice(session: aiohttp.ClientSession, url: str, workload: Workload
                 data = await response.read()
                 status = response.status
             latencies.append((time.perf_counter() - started) * 1000)
-            if workload.stream:
-                check_stream(status, data, workload.events, expected, sent)
+            if translated and workload.stream:
+                check_anthropic_stream(status, data, workload.events, expected, verified)
+            elif translated:
+                check_anthropic_json(status, data, expected)
+            elif workload.stream:
+                check_stream(status, data, workload.events, expected, sent, verified)
             else:
                 check_json(status, data, expected)
         finally:
@@ -669,7 +832,8 @@ async def measure_load(args: argparse.Namespace, pids: dict[str, int | None], ur
                     l0 = time.process_time()
                     w0 = time.perf_counter()
                     try:
-                        latencies = await run_slice(sessions[config], urls[config], workload, args.concurrency)
+                        latencies = await run_slice(sessions[config], urls[config], workload, args.concurrency,
+                                                    cross=args.cross, translated=args.cross and config == "llmproxy")
                     except (CheckFailed, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as error:
                         raise SystemExit(f"check failed for {config}, workload {workload.name}: {type(error).__name__}: {error}")
                     w1 = time.perf_counter()
@@ -810,7 +974,11 @@ def report(args: argparse.Namespace, summary: dict[str, Any], startup: dict[str,
     }
     print()
     print(f"Proxy CPU, µs of the proxy process: median of {args.rounds} rounds [min–max]. "
-          "Ratio: median of the rounds' llmproxy/bare (in brackets: ratio of the medians).")
+          "Ratio: median of the rounds' llmproxy/bare (in brackets: ratio of the medians). "
+          f"Burst streams: {args.burst_group} events per write; paced: {args.paced_group} per write, {args.pace_ms:g} ms apart.")
+    if args.cross:
+        print("Cross-protocol run: llmproxy translates Anthropic Messages ⇄ OpenAI Chat; the bare proxy cannot translate "
+              "and only forwards bytes, so the ratios are llmproxy translating vs bare forwarding.")
     head = f"{'':<30}{'llmproxy':>22}{'bare':>22}{'llmproxy/bare':>17}  target"
     print(head)
     print("-" * len(head))
@@ -872,13 +1040,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-requests", type=int, help="burst streams and short paced streams per slice (default 120; --quick 60)")
     parser.add_argument("--paced-requests", type=int, help="long paced streams per slice (default 48; --quick 16)")
     parser.add_argument("--json-rate", type=float, default=1000, help="non-streamed requests started per second (default 1000; 0: no limit)")
-    parser.add_argument("--burst-rate", type=float, default=200, help="burst streams started per second (default 200; 0: no limit)")
+    parser.add_argument("--burst-rate", type=float,
+                        help="burst streams started per second (default 200; 50 when llmproxy decodes streams: with --cross, "
+                             "or when a plugin implements stream_start, a 4000-event stream takes milliseconds of CPU and "
+                             "200/s would saturate the proxy core; 0: no limit)")
     parser.add_argument("--paced-rate", type=float, default=0, help="paced streams started per second (default 0: as the concurrency allows)")
     parser.add_argument("--burst-events", type=int, default=4000, help="events in a long burst stream (default 4000, about 1 MB)")
     parser.add_argument("--paced-events", type=int, default=100, help="events in a long paced stream (default 100)")
     parser.add_argument("--short-events", type=int, default=MIN_EVENTS, help=f"events in a short stream (default {MIN_EVENTS})")
-    parser.add_argument("--burst-group", type=int, default=100, help="events per write in burst mode (default 100)")
-    parser.add_argument("--pace-ms", type=float, default=1.0, help="sleep between events in paced mode (default 1 ms)")
+    parser.add_argument("--burst-group", "--burst-size", dest="burst_group", type=int, default=100,
+                        help="events per write in burst mode (default 100)")
+    parser.add_argument("--pace-ms", type=float, default=1.0, help="sleep between writes in paced mode (default 1 ms)")
+    parser.add_argument("--paced-group", type=int, default=1,
+                        help="events per write in paced mode (default 1). Unlike a burst, each group is read on its own "
+                             "(the backend waits --pace-ms between writes), so this measures N events per read for every proxy")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
     parser.add_argument("--starts", type=int, help="fresh llmproxy starts for time-to-ready and idle RSS (default 5; --quick 2)")
     parser.add_argument("--idle-wait", type=float, default=2.0, help="seconds idle after ready before reading RSS (default 2)")
@@ -898,6 +1073,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noop-processor", action="store_true",
                         help="also load a bench plugin whose stream processor passes every event unchanged: measures the "
                              "decode → processors → encode path that any plugin watching streams switches on")
+    parser.add_argument("--cross", action="store_true",
+                        help="cross-protocol: the load generator speaks Anthropic Messages (POST /v1/messages) and llmproxy "
+                             "translates to and from its OpenAI Chat backend; the bare proxy cannot translate and forwards "
+                             "the same request to the backend, which answers in OpenAI Chat")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs and logs)")
     parser.add_argument("--json", metavar="FILE", help="also write every slice and the summary as JSON")
     args = parser.parse_args(argv)
@@ -937,7 +1116,8 @@ def main(argv: list[str] | None = None) -> int:
           f"loops: llmproxy {loop_name}, bare {bare_loop}; load average {load_before}; work dir {workdir}", flush=True)
     try:
         backend = spawner.spawn("backend", [sys.executable, me, "_backend", "--loop", loop_name, "--pace-ms", str(args.pace_ms),
-                                            "--burst-group", str(args.burst_group)], load_cpus, stdout_pipe=True)
+                                            "--burst-group", str(args.burst_group), "--paced-group", str(args.paced_group)],
+                                load_cpus, stdout_pipe=True)
         backend_url = f"http://127.0.0.1:{wait_ready_line(backend)}"
 
         print("start-up:", flush=True)
@@ -949,6 +1129,11 @@ def main(argv: list[str] | None = None) -> int:
         plugin_info = describe_plugins(args, config)
         chains = {hook: order for hook, order in plugin_info.get("chains", {}).items() if order}
         print("flow hook chains: " + ("; ".join(f"{hook}: {' → '.join(order)}" for hook, order in chains.items()) or "none"), flush=True)
+        if args.burst_rate is None:
+            decoded = args.cross or bool(chains.get("stream_start"))
+            args.burst_rate = 50 if decoded else 200
+            print(f"burst streams: {args.burst_rate:.0f} started per second"
+                  + (" (llmproxy decodes streams here, so fewer than the 200/s of the pass-through path)" if decoded else ""), flush=True)
         proxy = spawner.spawn("llmproxy", llmproxy_command(args, config, args.profile_llmproxy), proxy_cpus, env=llmproxy_env(args, workdir))
         wait_healthz(port, proxy)
         bare = spawner.spawn("bare", [sys.executable, me, "_bare", "--loop", bare_loop, "--upstream", backend_url], proxy_cpus, stdout_pipe=True)
@@ -956,7 +1141,12 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.idle_wait)
         bare_idle_rss = rss_mb(bare.proc.pid)
         pids = {"llmproxy": proxy.proc.pid, "bare": bare.proc.pid, "direct": None}
-        urls = {"llmproxy": f"http://127.0.0.1:{port}{CHAT_PATH}", "bare": bare_url + CHAT_PATH, "direct": backend_url + CHAT_PATH}
+        path = MESSAGES_PATH if args.cross else CHAT_PATH
+        urls = {"llmproxy": f"http://127.0.0.1:{port}{path}", "bare": bare_url + path, "direct": backend_url + path}
+        if args.cross:
+            print("cross-protocol: Anthropic Messages client → llmproxy → OpenAI Chat backend. The bare proxy cannot translate: "
+                  "it forwards the Anthropic request to the backend's /v1/messages, which answers in OpenAI Chat, so every "
+                  "ratio below is llmproxy translating vs bare forwarding.", flush=True)
 
         print("load (per round: proxy CPU per request):", flush=True)
         results = _run(measure_load(args, pids, urls, backend.proc.pid), loop_name)
@@ -1000,6 +1190,7 @@ def _child_main(role: str, argv: list[str]) -> None:
     parser.add_argument("--loop", default="asyncio")
     parser.add_argument("--pace-ms", type=float, default=1.0)
     parser.add_argument("--burst-group", type=int, default=50)
+    parser.add_argument("--paced-group", type=int, default=1)
     parser.add_argument("--upstream", default="")
     args = parser.parse_args(argv)
     if role == "_backend":

@@ -21,6 +21,7 @@ from .manager import PluginHost
 from . import endpoints
 from .codecs.base import Codec
 from .frontends import add_routes, error_response
+from .pipeline import authenticate
 
 log = logging.getLogger("llmproxy")
 
@@ -31,10 +32,34 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(body=b'{"status":"ok"}', content_type="application/json")
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """200 when the config is loaded and at least one backend is reachable (an HTTP backend:
+    its host accepts a TCP connection; offline and replay always), else 503. The body names
+    each backend's state either way."""
+    ctx = request.app[CONTEXT]
+    names = list(ctx.providers)
+    results = await asyncio.gather(*(ctx.providers[name].probe() for name in names))
+    try:  # open like /healthz, but where the backends live is for clients with a key only
+        authenticate(request, ctx)
+        detailed = True
+    except ProxyError:
+        detailed = False
+    backends = {}
+    for name, (ok, detail) in zip(names, results):
+        backends[name] = {"state": "reachable" if ok else "unreachable", **({"detail": detail} if detailed else {})}
+    ready = any(ok for ok, _ in results)
+    body: dict[str, Any] = {"status": "ready" if ready else "not ready", "config": "loaded", "backends": backends}
+    if not names:
+        body["reason"] = "no backends are configured"
+    elif not ready:
+        body["reason"] = "no backend is reachable"
+    return web.Response(body=dumps(body), status=200 if ready else 503, content_type="application/json")
+
+
 async def root(request: web.Request) -> web.Response:
     # Claude Code sends HEAD / as a connectivity check before its first request.
     body = {"name": "llmproxy", "version": __version__,
-            "endpoints": ["/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1beta/models/{model}:generateContent", "/v1/models", "/healthz"]}
+            "endpoints": ["/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1beta/models/{model}:generateContent", "/v1/models", "/healthz", "/readyz"]}
     return web.Response(body=dumps(body), content_type="application/json")
 
 
@@ -88,6 +113,7 @@ def create_app(ctx: ProxyContext) -> web.Application:
     add_routes(app)
     endpoints.add_routes(app)
     routes.add_get("/healthz", healthz)
+    routes.add_get("/readyz", readyz)
     routes.add_get("/", root)  # also answers HEAD
     return app
 

@@ -99,6 +99,9 @@ class ProxySettings(_Strict):
     anthropic_port: int | None = Field(
         None, ge=0, le=65535, description="A second port serving the same routes, for clients that want a dedicated Anthropic URL."
     )
+    response_headers: bool = Field(
+        False, description="Add x-llmproxy-backend, -model, -key (the key's name) and -attempts to every answer."
+    )
 
     def is_loopback(self) -> bool:
         return is_loopback_host(self.host)
@@ -137,7 +140,13 @@ class BackendConfig(_Strict):
 
     type: str = Field(description="Provider type, e.g. openai or offline (`llmproxy plugins` lists them).")
     base_url: str | None = Field(None, description="API base URL; each provider type has a default.")
-    api_keys: list[SecretRef] = Field(default_factory=list, description="Key references, tried in order.")
+    api_keys: list[SecretRef] = Field(default_factory=list, description="Key references (several: rotated, see key_strategy).")
+    key_strategy: Literal["fill_first", "round_robin"] = Field(
+        "fill_first", description="fill_first: the first usable key; round_robin: the next usable key on each request."
+    )
+    key_cooldown: float = Field(
+        60.0, ge=0, description="Seconds a key rests after a 429 without Retry-After (a Retry-After is honoured instead)."
+    )
     headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers sent to the backend.")
     models: list[str] = Field(
         default_factory=list, description="Models this backend serves; empty means any name is passed through."
@@ -157,11 +166,13 @@ class BackendConfig(_Strict):
 
 class AliasTarget(_Strict):
     target: str = Field(description="`backend:model`")
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, gt=0, description="Share of first picks under the weighted and random strategies.")
 
 
 class ModelAlias(_Strict):
-    strategy: Literal["order"] = Field("order", description="How targets are tried (more strategies: routing issue).")
+    strategy: Literal["order", "round_robin", "weighted", "random", "least_busy"] = Field(
+        "order", description="How the first target is chosen; the others follow in order as fallbacks."
+    )
     targets: list[AliasTarget] = Field(min_length=1)
 
     @field_validator("targets", mode="before")

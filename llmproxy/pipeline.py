@@ -222,15 +222,25 @@ async def dispatch(flow: Flow, ctx: ProxyContext, processors: list[Any] | None) 
 async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Awaitable[Any]]) -> Any:
     """``attempt(target)`` for each of the flow's targets in order until one succeeds; the
     next target is tried only for errors another backend may not have (``RETRYABLE``)."""
-    targets = ctx.router.resolve(flow.model)
+    router = ctx.router
+    targets = router.route(flow.model)  # the alias's strategy picks the first
+    last = len(targets) - 1
     for i, target in enumerate(targets):
         flow.target = target
+        router.begin(target)  # in flight until the answer is read (a stream: until closed)
         try:
-            return await attempt(target)
-        except ProxyError as error:
-            if error.status not in RETRYABLE or i == len(targets) - 1:
+            result = await attempt(target)
+        except BaseException as error:
+            router.end(target)
+            if not isinstance(error, ProxyError) or error.status not in RETRYABLE or i == last:
                 raise
             log.warning("flow %s: %s failed (%s %s); trying the next target", flow.id, target.label, error.status, error.message)
+            continue
+        if isinstance(result, UpstreamStream) and result.whole is None:
+            result.also_on_close(lambda target=target: router.end(target))
+        else:
+            router.end(target)
+        return result
     raise AssertionError("unreachable")
 
 
@@ -311,6 +321,23 @@ def _flush(processors: list[tuple[str, Any]]) -> list[StreamEvent]:
     return events
 
 
+def stamp_routing_headers(response: web.StreamResponse, flow: Flow) -> None:
+    """``proxy.response_headers``: which backend, model and key (its name, never the key)
+    served the flow, and how many upstream requests it took."""
+    attempts = flow.attempts
+    headers = response.headers
+    headers["x-llmproxy-attempts"] = str(len(attempts))
+    if attempts:
+        last = attempts[-1]
+        headers["x-llmproxy-backend"] = last.backend
+        headers["x-llmproxy-model"] = last.model
+        if last.key_name:
+            headers["x-llmproxy-key"] = last.key_name
+    elif flow.target is not None:
+        headers["x-llmproxy-backend"] = flow.target.backend
+        headers["x-llmproxy-model"] = flow.target.model
+
+
 class Writer:
     """Writes the client's answer once: JSON, or an SSE stream begun on first use."""
 
@@ -327,7 +354,7 @@ class Writer:
     async def json(self, body: bytes, status: int = 200, headers: dict[str, str] | None = None, raw: bool = False) -> None:
         response = web.Response(body=body, status=status, content_type=JSON_TYPE, headers=headers)
         # Sent now, so flow_done runs after the client has its answer.
-        await response.prepare(self.request)
+        await self._prepare(response)
         await response.write_eof()
         self.response = response
         self.flow.status = status
@@ -335,13 +362,21 @@ class Writer:
             self.flow.sent.append((time.monotonic(), body))
         self.flow.first_token_at = self.flow.first_token_at or time.monotonic()
 
+    async def _prepare(self, response: web.StreamResponse) -> None:
+        """Send the status and headers: every answer (JSON or stream) goes through here."""
+        flow = self.flow
+        context = flow.context
+        if context is not None and context.config.proxy.response_headers:
+            stamp_routing_headers(response, flow)
+        await response.prepare(self.request)
+
     async def error(self, error: ProxyError) -> None:
         await self.json(dumps(self.codec.error_body(error)), status=error.status, headers=error.headers or None)
 
     async def _begin(self) -> web.StreamResponse:
         headers = SSE_HEADERS if self.codec.content_type_stream == "text/event-stream" else {**SSE_HEADERS, "Content-Type": self.codec.content_type_stream}
         response = web.StreamResponse(status=200, headers=headers)
-        await response.prepare(self.request)
+        await self._prepare(response)
         self.response = response
         self.started = True
         self.flow.status = 200
@@ -349,8 +384,8 @@ class Writer:
 
     async def relay_bytes(self, upstream: UpstreamStream) -> None:
         """Forward a stream llmproxy does not model (legacy completions …) as it arrives."""
-        response = await self._begin()
         try:
+            response = await self._begin()
             async for chunk in upstream.chunks:  # type: ignore[union-attr]
                 if self.flow.first_token_at is None:
                     self.flow.first_token_at = time.monotonic()

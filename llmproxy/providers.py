@@ -10,12 +10,15 @@ it must) or directly as canonical objects (for providers that do not speak HTTP)
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar
 
 import aiohttp
+import yarl
 
 from .canonical import Response, StreamEvent
 from .codecs import get_codec
@@ -75,6 +78,23 @@ class UpstreamStream:
         self.batches = batches
         self.whole = whole  # the backend ignored "stream" and sent one complete body
         self._on_close = on_close
+
+    def also_on_close(self, callback: Any) -> None:
+        """Run ``callback()`` (plain, not a coroutine) when the stream is closed, after what
+        was registered before."""
+        first = self._on_close
+        if first is None:
+            self._on_close = callback
+            return
+
+        def both() -> Any:
+            try:
+                result = first()
+            finally:
+                callback()
+            return result
+
+        self._on_close = both
 
     async def close(self) -> None:
         if self._on_close is not None:
@@ -145,6 +165,11 @@ class Provider:
         counting endpoint (llmproxy then counts locally)."""
         return None
 
+    async def probe(self) -> tuple[bool, str]:
+        """(reachable, what was found), for ``/readyz``. A backend that answers by itself
+        (offline, replay) is always reachable."""
+        return True, "local"
+
 
 class HTTPProvider(Provider):
     """A provider that POSTs JSON to ``base_url + path`` with one aiohttp session per backend."""
@@ -155,6 +180,13 @@ class HTTPProvider(Provider):
         super().__init__(name, settings, context)
         self.session: aiohttp.ClientSession | None = None
         self.base_url = (settings.base_url or self.default_base_url or "").rstrip("/")
+        # Keys stay references; what is kept here is only their names and rest times.
+        count = len(settings.api_keys)
+        self.key_names: tuple[str, ...] = tuple(f"{name}#{i}" for i in range(count))
+        self.key_resting_until: list[float] = [0.0] * count  # time.monotonic() a key rests until (429)
+        self._key_turn = 0  # key_strategy round_robin: where the next request starts
+        self._probe_cache: tuple[float, tuple[bool, str]] | None = None
+        self._probing: asyncio.Future[tuple[bool, str]] | None = None
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(
@@ -165,25 +197,111 @@ class HTTPProvider(Provider):
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, json_serialize=lambda o: dumps(o).decode())
 
     async def close(self) -> None:
+        if self._probing is not None:
+            self._probing.cancel()
         if self.session is not None:
             await self.session.close()
             self.session = None
 
+    # Seconds a /readyz probe result is kept, and how long its TCP connect may take.
+    probe_ttl: ClassVar[float] = 5.0
+    probe_timeout: ClassVar[float] = 2.0
+
+    async def probe(self) -> tuple[bool, str]:
+        """A TCP connect to ``base_url``'s host and port (no request is sent), cached for
+        ``probe_ttl`` seconds; concurrent callers share one connect."""
+        now = time.monotonic()
+        cached = self._probe_cache
+        if cached is not None and now - cached[0] < self.probe_ttl:
+            return cached[1]
+        if self._probing is None:
+            self._probing = asyncio.ensure_future(self._connect())
+            self._probing.add_done_callback(self._probed)
+        # shielded: a /readyz caller that goes away does not cancel the others' connect
+        return await asyncio.shield(self._probing)
+
+    def _probed(self, task: "asyncio.Future[tuple[bool, str]]") -> None:
+        self._probing = None
+        if not task.cancelled() and task.exception() is None:
+            self._probe_cache = (time.monotonic(), task.result())
+
+    async def _connect(self) -> tuple[bool, str]:
+        url = yarl.URL(self.base_url) if self.base_url else None
+        if url is None or not url.host:
+            return False, "no base_url"
+        port = url.port or (443 if url.scheme == "https" else 80)
+        where = f"{url.host}:{port}"
+        limit = min(self.probe_timeout, self.settings.timeout.connect)
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(url.host, port), limit)
+        except asyncio.TimeoutError:
+            return False, f"{where}: no connection within {limit:g}s"
+        except (OSError, ValueError) as error:  # refused, unresolvable, a malformed host
+            return False, f"{where}: {getattr(error, 'strerror', None) or type(error).__name__}"
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+        return True, where
+
     # -- what subclasses adapt -------------------------------------------------------------
     def api_key(self) -> tuple[str | None, str | None]:
-        """(key, key name for logs) — the first configured key that resolves."""
+        """(key, key name for logs) for the next request (see :meth:`choose_key`)."""
+        index, value = self.choose_key()
+        return value, (self.key_names[index] if index >= 0 else None)
+
+    def choose_key(self, tried: int = 0, rested_only: bool = False) -> tuple[int, str | None]:
+        """(index, value) of the key the next request uses: with ``key_strategy`` fill_first
+        the first key that resolves and is not resting after a 429, with round_robin the
+        next such key after the one used last. When every key rests, the one whose rest ends
+        first (a backend is never refused here; the 429 it may answer hands over to the
+        next target). ``tried`` is a bit mask of keys this request has used already, which
+        are left out; with ``rested_only`` a resting key is not chosen either, and (-1, None)
+        says no key is left. (-1, None) as well for a backend without keys."""
         keys = self.settings.api_keys
-        if not keys:
-            return None, None
-        for index in range(len(keys)):
+        count = len(keys)
+        if not count:
+            return -1, None
+        rotate = self.settings.key_strategy == "round_robin"
+        start = self._key_turn % count if rotate else 0
+        now = time.monotonic()
+        resting = self.key_resting_until
+        fallback, fallback_value, fallback_until = -1, None, 0.0
+        for step in range(count):
+            index = start + step
+            if index >= count:
+                index -= count
+            if tried >> index & 1:
+                continue
             value = keys[index].get()
-            if value:
-                return value, f"{self.name}#{index}"
+            if not value:
+                continue
+            until = resting[index]
+            if until <= now:
+                if rotate:
+                    self._key_turn = index + 1
+                return index, value
+            if fallback < 0 or until < fallback_until:
+                fallback, fallback_value, fallback_until = index, value, until
+        if fallback >= 0 and not rested_only:
+            return fallback, fallback_value
+        if tried or fallback >= 0:
+            return -1, None
         raise ProxyError(
             500,
             f"backend {self.name!r} has no usable API key: set {', '.join(k.describe() for k in keys)}",
             kind="configuration_error",
         )
+
+    def rest_key(self, index: int, retry_after: str | None) -> float:
+        """Rest key ``index`` after a 429: for the answer's ``Retry-After`` (seconds or an
+        HTTP date) when it has one, else for ``key_cooldown``. Returns the seconds."""
+        seconds = retry_after_seconds(retry_after)
+        if seconds is None:
+            seconds = self.settings.key_cooldown
+        self.key_resting_until[index] = max(self.key_resting_until[index], time.monotonic() + seconds)
+        return seconds
 
     def headers(self, key: str | None, flow: Flow) -> dict[str, str]:
         headers = {"content-type": "application/json"}
@@ -242,10 +360,35 @@ class HTTPProvider(Provider):
     async def _send(
         self, flow: Flow, target: "Target", stream: bool, passthrough: bool, url: str | None = None, body: dict[str, Any] | None = None
     ) -> aiohttp.ClientResponse:
+        """Send the request and return the backend's answer once it has headers; an error
+        status raises ProxyError. A 429 rests the key it was sent with and, while the
+        backend has a key that is not resting, sends again at once with that key."""
+        index, key = self.choose_key()
+        tried = 0
+        while True:
+            if body is None or tried:
+                # Each try gets its own body: upstream_request hooks may change it in place.
+                sent = self.body(flow, target, stream, passthrough) if body is None else dict(body)
+            else:
+                sent = body
+            try:
+                return await self._exchange(flow, target, stream, url, sent, key, self.key_names[index] if index >= 0 else None)
+            except ProxyError as error:
+                if error.status != 429 or index < 0:
+                    raise
+                seconds = self.rest_key(index, error.headers.get("Retry-After"))
+                tried |= 1 << index
+                rested = self.key_names[index]
+                index, key = self.choose_key(tried, rested_only=True)
+                if index < 0:
+                    raise
+                log.info("backend %s: key %s was rate-limited (resting %.1fs); trying key %s", self.name, rested, seconds, self.key_names[index])
+
+    async def _exchange(
+        self, flow: Flow, target: "Target", stream: bool, url: str | None, body: dict[str, Any], key: str | None, key_name: str | None
+    ) -> aiohttp.ClientResponse:
+        """One request with one key: an attempt of its own in ``flow.attempts``."""
         assert self.session is not None, "provider not started"
-        key, key_name = self.api_key()
-        if body is None:
-            body = self.body(flow, target, stream, passthrough)
         upstream = UpstreamRequest("POST", url or self.url(target, stream), self.headers(key, flow), body)
         chain = self.context.chains.upstream_request
         if chain:
@@ -365,6 +508,27 @@ class HTTPProvider(Provider):
             response.close()
 
         return UpstreamStream(self.protocol, chunks=chunks(), on_close=close)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` value in seconds from now: delay-seconds or an HTTP date (RFC 9110);
+    None when absent or unreadable, 0 for a date in the past."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):  # nan, inf
+        return None
+    return max(seconds, 0.0)
 
 
 def _kind_for(status: int) -> str:

@@ -1,19 +1,32 @@
 """Model name → the ordered targets that may serve it.
 
-A model is addressed as ``backend:model``, as an alias from ``models:``, or as a bare name
-sent to ``default_backend``. Unknown names get a 404 that lists what exists.
+A model is addressed as an alias from ``models:`` (an exact name, else the first wildcard
+name that matches, in file order), as ``backend:model``, or as a bare name sent to
+``default_backend``. Unknown names get a 404 that lists what exists.
+
+An alias's ``strategy`` chooses the FIRST target of each request (``order``: always the
+first listed; ``round_robin``; ``weighted``: smooth weighted round robin over ``weight``;
+``random``: in proportion to ``weight``; ``least_busy``: fewest requests in flight); the
+other targets follow in their listed order as fallbacks. Every ordering an alias can produce
+is built once, at start-up, so routing a request allocates nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import bisect
+import fnmatch
+import random
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import ProxyError
 
 if TYPE_CHECKING:
-    from .config import Config
+    from .config import Config, ModelAlias
     from .providers import Provider
+
+_GLOB = re.compile(r"[*?\[]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,33 +34,154 @@ class Target:
     backend: str
     model: str
     provider: "Provider"
+    label: str = field(init=False, compare=False, repr=False)  # "backend:model", built once
 
-    @property
-    def label(self) -> str:
-        return f"{self.backend}:{self.model}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", f"{self.backend}:{self.model}")
+
+
+class Alias:
+    """One ``models:`` entry with its routing state."""
+
+    __slots__ = ("name", "strategy", "targets", "orders", "weights", "cumulative", "current", "turn")
+
+    def __init__(self, name: str, spec: "ModelAlias", providers: dict[str, "Provider"]) -> None:
+        self.name = name
+        self.strategy = spec.strategy
+        targets = []
+        for entry in spec.targets:
+            backend, _, model = entry.target.partition(":")
+            targets.append(Target(backend, model, providers[backend]))
+        self.targets: tuple[Target, ...] = tuple(targets)
+        # orders[i]: target i first, then the others as listed.
+        self.orders: tuple[tuple[Target, ...], ...] = tuple(
+            (t, *self.targets[:i], *self.targets[i + 1 :]) for i, t in enumerate(self.targets)
+        )
+        self.weights: tuple[float, ...] = tuple(entry.weight for entry in spec.targets)
+        running, cumulative = 0.0, []
+        for weight in self.weights:
+            running += weight
+            cumulative.append(running)
+        self.cumulative = cumulative
+        self.current = [0.0] * len(self.targets)  # smooth weighted round robin state
+        self.turn = 0  # round robin position
 
 
 class Router:
-    def __init__(self, config: "Config", providers: dict[str, "Provider"]) -> None:
+    def __init__(self, config: "Config", providers: dict[str, "Provider"], rng: random.Random | None = None) -> None:
         self.config = config
         self.providers = providers
+        self.aliases: dict[str, Alias] = {}
+        self.patterns: list[tuple[Callable[[str], Any], Alias]] = []  # in file order
+        for name, spec in config.models.items():
+            alias = Alias(name, spec, providers)
+            if _GLOB.search(name):
+                self.patterns.append((re.compile(fnmatch.translate(name)).match, alias))
+            else:
+                self.aliases[name] = alias
+        # Requests in flight per target label ("backend:model"), kept by the pipeline's
+        # failover around each attempt (a stream counts until it is closed).
+        self.inflight: dict[str, int] = {}
+        self.random = rng or random.Random()
+        # Names routed without an alias (backend:model, or bare to the default backend) →
+        # their one target, so a busy name is not rebuilt per request; bounded, as clients
+        # choose the names.
+        self._direct_cache: dict[str, tuple[Target]] = {}
+
+    # -- lookup ----------------------------------------------------------------------------
+    def alias_for(self, name: str) -> Alias | None:
+        """The alias ``name`` routes through: an exact alias, else (unless ``name`` is an
+        explicit ``backend:model``) the first wildcard alias that matches it."""
+        alias = self.aliases.get(name)
+        if alias is not None or not self.patterns:
+            return alias
+        backend, sep, model = name.partition(":")
+        if sep and model and backend in self.providers:
+            return None
+        for match, candidate in self.patterns:
+            if match(name):
+                return candidate
+        return None
 
     def resolve(self, name: str) -> list[Target]:
-        alias = self.config.models.get(name)
+        """The targets for ``name`` in their configured order, without choosing (no routing
+        state changes: for plugins and endpoints that only ask what a name means)."""
+        alias = self.alias_for(name)
         if alias is not None:
-            targets = []
-            for entry in alias.targets:
-                backend, _, model = entry.target.partition(":")
-                targets.append(Target(backend, model, self.providers[backend]))
-            return targets
+            return list(alias.targets)
+        return list(self._direct(name))
+
+    def route(self, name: str) -> Sequence[Target]:
+        """The targets to try for one request, in order: the alias's strategy picks the first
+        (and advances its state); the rest follow as listed."""
+        alias = self.alias_for(name)
+        if alias is None:
+            return self._direct(name)
+        if alias.strategy == "order" or len(alias.targets) == 1:
+            return alias.targets
+        return alias.orders[self._pick(alias)]
+
+    def _direct(self, name: str) -> tuple[Target]:
+        cached = self._direct_cache.get(name)
+        if cached is not None:
+            return cached
         backend, sep, model = name.partition(":")
         if sep and backend in self.providers and model:
-            return [self._checked(backend, model, name)]
-        default = self.config.default_backend
-        if default is None:
-            raise self._unknown(name, "no default_backend is configured")
-        return [self._checked(default, name, name)]
+            target = self._checked(backend, model, name)
+        else:
+            default = self.config.default_backend
+            if default is None:
+                raise self._unknown(name, "no default_backend is configured")
+            target = self._checked(default, name, name)
+        if len(self._direct_cache) >= 1024:
+            self._direct_cache.clear()
+        found = self._direct_cache[name] = (target,)
+        return found
 
+    def _pick(self, alias: Alias) -> int:
+        strategy = alias.strategy
+        if strategy == "round_robin":
+            index = alias.turn % len(alias.targets)
+            alias.turn = index + 1
+            return index
+        if strategy == "weighted":
+            # Smooth weighted round robin (nginx): deterministic, and interleaved rather
+            # than bursty — weights 3:1 give a a b a, a a b a, …
+            current, weights = alias.current, alias.weights
+            best = 0
+            for i, weight in enumerate(weights):
+                current[i] += weight
+                if current[i] > current[best]:
+                    best = i
+            current[best] -= alias.cumulative[-1]
+            return best
+        if strategy == "random":
+            cumulative = alias.cumulative
+            return min(bisect.bisect_right(cumulative, self.random.random() * cumulative[-1]), len(cumulative) - 1)
+        if strategy == "least_busy":
+            inflight = self.inflight
+            best, fewest = 0, None
+            for i, target in enumerate(alias.targets):
+                busy = inflight.get(target.label, 0)
+                if fewest is None or busy < fewest:
+                    best, fewest = i, busy
+                    if busy == 0:
+                        break
+            return best
+        return 0
+
+    # -- in-flight bookkeeping ---------------------------------------------------------------
+    def begin(self, target: Target) -> None:
+        self.inflight[target.label] = self.inflight.get(target.label, 0) + 1
+
+    def end(self, target: Target) -> None:
+        left = self.inflight.get(target.label, 0) - 1
+        if left > 0:
+            self.inflight[target.label] = left
+        else:
+            self.inflight.pop(target.label, None)
+
+    # -- errors and listings -------------------------------------------------------------------
     def _checked(self, backend: str, model: str, asked: str) -> Target:
         provider = self.providers[backend]
         if not provider.accepts_model(model):
@@ -55,7 +189,7 @@ class Router:
         return Target(backend, model, provider)
 
     def _unknown(self, name: str, why: str) -> ProxyError:
-        known = self.known_models()
+        known = [alias.name for _, alias in self.patterns] + self.known_models()
         listing = ", ".join(known[:50]) + (" …" if len(known) > 50 else "")
         return ProxyError(
             404,
@@ -66,9 +200,9 @@ class Router:
         )
 
     def known_models(self) -> list[str]:
-        """Aliases, then every backend's listed models as backend:model, then the default
-        backend's models by their bare names."""
-        names = list(self.config.models)
+        """Aliases (not wildcard ones: no client can send a pattern), then every backend's
+        listed models as backend:model, then the default backend's models by bare name."""
+        names = list(self.aliases)
         for backend, provider in self.providers.items():
             names.extend(f"{backend}:{m}" for m in provider.models)
         default = self.config.default_backend
