@@ -28,7 +28,9 @@ same object, or a changed one) to pass it on, ``None`` to drop or hold it, a lis
 zero or more events (inject, split, release what was held). When the stream ends the
 processor is called once more with ``None`` and returns what it still holds (a list, or
 ``None``). Emitting an event of kind ``stop`` or ``error`` ends the stream: llmproxy stops
-reading the backend. A stream with no processors is forwarded without decoding when the
+reading the backend. An event passed on belongs to llmproxy: do not change it afterwards
+(``flow.response`` of a stream is folded from the events the client was sent, when first
+read). A stream with no processors is forwarded without decoding when the
 backend speaks the client's protocol, so a plugin that has nothing to do for a stream should
 return ``None`` from ``stream_start`` and costs nothing per event.
 """
