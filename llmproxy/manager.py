@@ -233,6 +233,9 @@ class HookChains:
         return [impl.plugin for impl in self.by_hook.get(hook, ())]
 
 
+_FLOW_ONLY = ("flow",)
+
+
 async def call_chain(impls: list[Impl], stop: Callable[[], bool] | None = None, skip: frozenset[str] = frozenset(), **kwargs: Any) -> None:
     """Call each implementation in order, awaiting awaitables; stop early when ``stop()``;
     leave out the plugins named in ``skip`` (switched off for the flow's session).
@@ -243,8 +246,12 @@ async def call_chain(impls: list[Impl], stop: Callable[[], bool] | None = None, 
         if impl.plugin in skip:
             continue
         try:
-            result = impl.function(*[kwargs[a] for a in impl.argnames])
-            if inspect.isawaitable(result):
+            # most implementations take just the flow and return None: skip the general work
+            if impl.argnames == _FLOW_ONLY:
+                result = impl.function(kwargs["flow"])
+            else:
+                result = impl.function(*[kwargs[a] for a in impl.argnames])
+            if result is not None and inspect.isawaitable(result):
                 await result
         except BaseException as error:
             if not hasattr(error, "llmproxy_plugin"):
@@ -264,7 +271,7 @@ async def call_chain_logged(impls: list[Impl], skip: frozenset[str] = frozenset(
             continue
         try:
             result = impl.function(*[kwargs[a] for a in impl.argnames])
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 await result
         except Exception:
             log.exception("plugin %s failed in a hook; continuing", impl.plugin)

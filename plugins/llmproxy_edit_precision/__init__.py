@@ -159,8 +159,8 @@ def plugin_settings() -> type[BaseModel]:
 def request(flow: "Flow") -> None:
     context = flow.context
     settings: EditPrecisionSettings = (context.settings(NAME) if context is not None else None) or _DEFAULT
-    if not settings.active:
-        return
+    if not settings.active or not flow.raw_request.get("tools"):
+        return  # off, or a call offering no tools (plain chat, side calls): never tuned nor counted
     state = _proxy_state(flow)
     results = newest_results_text(flow.raw_request)
     maybe_failure = results is None or (results != "" and settings.failure_in(results) is not None)

@@ -183,8 +183,8 @@ def plugin_settings() -> type[BaseModel]:
 @hookimpl
 def request(flow: Flow) -> None:
     settings = _settings(flow)
-    if not settings.tool_calls or flow.has_response:
-        return
+    if not settings.tool_calls or flow.has_response or not flow.raw_request.get("tools"):
+        return  # no tools offered: no tool call can loop
     if not flow.request_decoded and not any(marker in flow.raw_body for marker in _TOOL_RESULT_MARKERS):
         return
     run = trailing_run(flow.request.messages)
