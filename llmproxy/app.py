@@ -115,7 +115,21 @@ def create_app(ctx: ProxyContext) -> web.Application:
     routes.add_get("/healthz", healthz)
     routes.add_get("/readyz", readyz)
     routes.add_get("/", root)  # also answers HEAD
+    add_plugin_routes(app, ctx)
     return app
+
+
+def add_plugin_routes(app: web.Application, ctx: ProxyContext) -> None:
+    """The routes plugins add through ``register_routes`` (never under the protocol paths)."""
+    for impl in reversed(ctx.host.pm.hook.register_routes.get_hookimpls()):
+
+        def register(method: str, path: str, handler: Any, _owner: str = impl.plugin_name) -> None:
+            if path.startswith(("/v1", "/anthropic", "/openai")) or not path.startswith("/"):
+                raise ConfigError([f"plugins.{_owner}: cannot add route {path!r} (protocol paths are the core's)"], ctx.config.source)
+            app.router.add_route(method, path, handler)
+
+        given = {"register": register, "context": ctx}
+        impl.function(*[given[name] for name in impl.argnames])  # pluggy's rule: only the arguments it takes
 
 
 def client_keys(config: Config) -> list[tuple[str, bytes]]:

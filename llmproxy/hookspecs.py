@@ -95,6 +95,17 @@ def register_cli_commands(cli: Any) -> None:
 
 
 @hookspec
+def register_routes(register: Callable[..., None], context: "ProxyContext") -> None:
+    """Add HTTP routes to the proxy's server: ``register(method, path, handler)`` once per
+    route, with an aiohttp handler ``async def handler(request) -> web.StreamResponse``
+    (``path`` may hold aiohttp's ``{name}`` variables; ``method`` ``"*"`` is every method).
+    For admin APIs, a UI, ``/metrics``. The core does not authenticate these routes: the
+    plugin checks its own credentials, and a route beginning with ``/v1`` is refused
+    (those are the protocol routes). Called once per app, before ``startup``.
+    """
+
+
+@hookspec
 def plugin_settings() -> Optional[type["BaseModel"]]:
     """Return the pydantic model for this plugin's config section, ``plugins.<plugin name>``.
 

@@ -994,3 +994,49 @@ async def test_startup_and_shutdown_are_called_once_each(session: aiohttp.Client
     finally:
         await running.stop()
     assert plugin.events == ["configure", "startup", "shutdown"]
+
+
+class StatusPage:
+    """Adds /status (GET) and /status/{name} (every method) through register_routes."""
+
+    def __init__(self) -> None:
+        self.context: Any = None
+
+    @hookimpl
+    def register_routes(self, register: Callable[..., None], context: Any) -> None:
+        self.context = context
+
+        async def status(request: web.Request) -> web.Response:
+            return web.json_response({"backends": sorted(context.providers)})
+
+        async def named(request: web.Request) -> web.Response:
+            return web.json_response({"name": request.match_info["name"], "method": request.method})
+
+        register("GET", "/status", status)
+        register("*", "/status/{name}", named)
+
+
+async def test_register_routes_adds_plugin_routes_to_the_server(proxy: StartProxy, session: aiohttp.ClientSession) -> None:
+    plugin = StatusPage()
+    running = await proxy(OFFLINE, ("status_page", plugin))
+    assert plugin.context is running.context
+    async with session.get(f"{running.url}/status") as reply:
+        assert reply.status == 200
+        assert await reply.json() == {"backends": ["offline"]}
+    async with session.delete(f"{running.url}/status/x") as reply:
+        assert await reply.json() == {"name": "x", "method": "DELETE"}
+    # the protocol routes are untouched
+    assert (await chat(session, running, "hi")).status == 200
+
+
+class Squatter:
+    @hookimpl
+    def register_routes(self, register: Callable[..., None]) -> None:
+        register("POST", "/v1/chat/completions", lambda request: None)
+
+
+async def test_register_routes_cannot_take_a_protocol_path() -> None:
+    from llmproxy.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"plugins.squatter: cannot add route '/v1/chat/completions'"):
+        await start_proxy(OFFLINE, plugins=[("offline", llmproxy_offline), ("squatter", Squatter())], entry_points=False)
