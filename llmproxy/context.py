@@ -75,6 +75,17 @@ class ProxyContext:
             raise ProxyError(502, f"backend {backend!r} sent a body that is not JSON") from None
         return get_codec(reply.protocol).decode_response(data)
 
+    def backend_status(self) -> dict[str, dict[str, Any]]:
+        """Every backend's :meth:`Provider.status` plus its targets' requests in flight
+        (``{"backend:model": n}``), JSON-ready and free of key values."""
+        status = {}
+        for name, provider in self.providers.items():
+            entry = provider.status()
+            prefix = name + ":"
+            entry["inflight"] = {label: n for label, n in self.router.inflight.items() if label.startswith(prefix)}
+            status[name] = entry
+        return status
+
     def add_secrets(self, owner: str, values: Any = (), patterns: Any = ()) -> None:
         """Have :attr:`redactor` also mask ``values`` (literal strings) and ``patterns``
         (:class:`llmproxy.redact.Pattern`). Calling again for the same ``owner`` (a plugin

@@ -136,6 +136,17 @@ class Provider:
     def accepts_model(self, model: str) -> bool:
         return not self.settings.models or model in self.settings.models
 
+    def status(self) -> dict[str, Any]:
+        """What this backend is and how it fares, JSON-ready (for ``/readyz``-like views, the
+        admin API, metrics): never a key value."""
+        caps = self.capabilities
+        return {
+            "type": self.settings.type,
+            "protocol": self.protocol,
+            "models": self.models,
+            "capabilities": {name: getattr(caps, name) for name in caps.__dataclass_fields__},
+        }
+
     async def start(self) -> None:
         """Open connection pools; called once before the server accepts connections."""
 
@@ -187,6 +198,16 @@ class HTTPProvider(Provider):
         self._key_turn = 0  # key_strategy round_robin: where the next request starts
         self._probe_cache: tuple[float, tuple[bool, str]] | None = None
         self._probing: asyncio.Future[tuple[bool, str]] | None = None
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        status = super().status()
+        status["base_url"] = self.base_url
+        status["keys"] = [
+            {"name": name, "resting_for": max(0.0, round(until - now, 3))}
+            for name, until in zip(self.key_names, self.key_resting_until)
+        ]
+        return status
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(

@@ -14,6 +14,7 @@ Which target and which key served a request is read from what the fake upstream 
 
 from __future__ import annotations
 
+import json
 import asyncio
 import datetime
 import email.utils
@@ -419,3 +420,19 @@ async def test_readyz_details_need_a_client_key(fake_openai: FakeOpenAI, start: 
         assert response.status == 200 and (await response.json())["backends"]["up"] == {"state": "reachable"}
     async with http.get(proxy.url + "/readyz", headers={"Authorization": "Bearer client-key-route"}) as response:
         assert fake_openai.url.removeprefix("http://") in (await response.json())["backends"]["up"]["detail"]
+
+
+async def test_backend_status_names_keys_and_rest_times_never_values(fake_openai: FakeOpenAI, start: Start, http: aiohttp.ClientSession) -> None:
+    """ProxyContext.backend_status(): what the admin API and metrics read."""
+    proxy = await start({"backends": {"up": backend(fake_openai, keys=2)}, "default_backend": "up"})
+    fake_openai.script_next(status=429, message="slow down", retry_after="120")
+    status, _, _ = await chat(http, proxy, "gpt-4o-mini")
+    assert status == 200
+    report = proxy.context.backend_status()
+    up = report["up"]
+    assert up["type"] == "openai" and up["protocol"] == "openai_chat" and up["base_url"].startswith(fake_openai.url)
+    assert [k["name"] for k in up["keys"]] == ["up#0", "up#1"]
+    assert 100 < up["keys"][0]["resting_for"] <= 120 and up["keys"][1]["resting_for"] == 0
+    assert up["inflight"] == {} and up["capabilities"]["tools"] is True
+    dumped = json.dumps(report)
+    assert K0 not in dumped and K1 not in dumped
