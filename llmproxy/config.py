@@ -35,10 +35,11 @@ class ConfigError(Exception):
 class SecretRef:
     """A reference to a secret; ``get()`` resolves it when it is needed, never earlier."""
 
-    __slots__ = ("ref", "kind", "name", "_cached")
+    __slots__ = ("ref", "kind", "name", "label", "_cached")
 
     def __init__(self, ref: str) -> None:
         self.ref = ref
+        self.label: str | None = None  # the key's own name, when the config gives one
         self._cached: str | None = None
         match = _ENV_PATTERN.fullmatch(ref)
         if match and match.group(2) is None:
@@ -102,6 +103,13 @@ class ProxySettings(_Strict):
     response_headers: bool = Field(
         False, description="Add x-llmproxy-backend, -model, -key (the key's name) and -attempts to every answer."
     )
+    total_timeout: float | None = Field(
+        None, gt=0, description="Seconds a request may spend on attempts, backoffs and waits until its answer begins. None: no limit."
+    )
+    rate_limit_wait: float = Field(
+        0.0, ge=0, description="When every target is over its rpm/tpm, wait up to this many seconds for one to free up (0: answer 429 at once)."
+    )
+    rate_limit_queue: int = Field(100, ge=0, description="Requests that may wait for a rate limit at once; beyond, 429 at once.")
 
     def is_loopback(self) -> bool:
         return is_loopback_host(self.host)
@@ -130,7 +138,49 @@ class AuthSettings(_Strict):
 
 class TimeoutSettings(_Strict):
     connect: float = Field(10.0, gt=0, description="Seconds to connect to the backend.")
-    read: float = Field(300.0, gt=0, description="Seconds allowed between two reads from the backend (stream idle).")
+    read: float = Field(
+        300.0, gt=0, description="Seconds allowed between two reads from the backend: a stream's idle timeout, and a silent backend's."
+    )
+    attempt: float | None = Field(
+        None, gt=0,
+        description="Seconds one attempt may take until the answer begins (a stream: its first bytes; a non-streamed "
+        "answer: the whole body). Past it the attempt fails with 504 and the next target is tried. None: no limit but `read`.",
+    )
+
+
+class RetrySettings(_Strict):
+    attempts: int = Field(
+        0, ge=0, le=10,
+        description="Extra tries of the same target after a 429, 5xx, timeout or network error, before the next target. "
+        "0 by default: every official SDK and agent already retries, and retries multiply.",
+    )
+    base_delay: float = Field(0.5, ge=0, description="Backoff: try n waits a random time in [0, min(max_delay, base_delay * 2^n)] (full jitter).")
+    max_delay: float = Field(8.0, ge=0, description="Backoff: the longest wait between two tries.")
+    max_retry_after: float = Field(
+        30.0, ge=0, description="A Retry-After longer than this is not waited for: the next target is tried instead."
+    )
+
+
+class BreakerSettings(_Strict):
+    enabled: bool = Field(True, description="Keep a circuit breaker per target (backend:model).")
+    failures: int = Field(5, ge=1, description="Consecutive failures (429, 5xx, timeouts, network) that open the breaker.")
+    cooldown_429: float = Field(30.0, ge=0, description="Seconds open after rate limiting (a 429's Retry-After opens it at once, for that long).")
+    cooldown_5xx: float = Field(30.0, ge=0, description="Seconds open after server errors (5xx).")
+    cooldown_network: float = Field(10.0, ge=0, description="Seconds open after timeouts, refused connections and broken streams.")
+    half_open_requests: int = Field(1, ge=1, description="Trial requests let through once the cooldown ends; success closes the breaker.")
+
+
+class CapabilityOverrides(_Strict):
+    """What a backend or an alias target can serve, as the config declares it (enforced)."""
+
+    tools: bool | None = Field(None, description="Serves tool definitions and tool calls.")
+    streaming: bool | None = Field(None, description="Streams answers; false: asked without streaming, the answer re-streamed to the client.")
+    vision: bool | None = Field(None, description="Accepts images.")
+    json_schema: bool | None = Field(None, description="Honours JSON-schema response formats.")
+    max_context: int | None = Field(None, gt=0, description="Largest request, in tokens (estimated as body bytes / 4).")
+
+    def declared(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 class BackendConfig(_Strict):
@@ -153,20 +203,46 @@ class BackendConfig(_Strict):
     )
     timeout: TimeoutSettings = Field(default_factory=TimeoutSettings)
     max_connections: int = Field(100, gt=0, description="Connection pool size for this backend.")
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    rpm: int | None = Field(None, gt=0, description="Requests per minute this backend takes (sliding window); over it, the backend is skipped.")
+    tpm: int | None = Field(None, gt=0, description="Tokens per minute (input estimated as body bytes / 4, settled with the reported usage).")
+    capabilities: CapabilityOverrides | None = Field(
+        None, description="What this backend's models can serve; a request needing more skips it (see docs/reliability.md)."
+    )
+    stream_fallback: bool = Field(
+        True, description="When a stream breaks before its first bytes reached the client, ask the same target once more without streaming and re-stream the answer."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _keys(cls, value: Any) -> Any:
         if value is None:
             return []
-        if isinstance(value, (str, SecretRef)):
+        if isinstance(value, (str, SecretRef, dict)):
             value = [value]
-        return [_secret(v) for v in value]
+        keys = []
+        for v in value:
+            if isinstance(v, dict):  # {name: work, key: ${WORK_KEY}}: a key with a name of its own
+                if set(v) - {"name", "key"} or not isinstance(v.get("name"), str) or "key" not in v:
+                    raise ValueError("a named key is written {name: NAME, key: ${ENV_VAR}}")
+                ref = _secret(v["key"])
+                ref.label = v["name"]
+                keys.append(ref)
+            else:
+                keys.append(_secret(v))
+        return keys
 
 
 class AliasTarget(_Strict):
     target: str = Field(description="`backend:model`")
     weight: float = Field(1.0, gt=0, description="Share of first picks under the weighted and random strategies.")
+    key: str | None = Field(
+        None, description="Send with this key of the backend only (its name: `backend#0`, or a named key's name); no rotation."
+    )
+    rpm: int | None = Field(None, gt=0, description="Requests per minute this target takes (sliding window); over it, it is skipped.")
+    tpm: int | None = Field(None, gt=0, description="Tokens per minute this target takes (estimated, settled with the reported usage).")
+    capabilities: CapabilityOverrides | None = Field(None, description="What this model can serve (over the backend's own declaration).")
 
 
 class ModelAlias(_Strict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from .errors import ProxyError
 from .manager import HookChains, PluginHost, call_chain, call_chain_logged
 from .providers import Provider
 from .redact import DEFAULT_PATTERNS, Pattern, Redactor, proxy_secrets
+from .resilience import Health
 from .router import Router
 from .sessions import SessionStore
 
@@ -38,7 +40,8 @@ class ProxyContext:
         for name, section in config.backends.items():
             cls = host.provider_types[section["type"]]
             self.providers[name] = cls(name, cls.Settings.model_validate(section), self)
-        self.router = Router(config, self.providers)
+        self.health = Health()  # breakers and rate windows, kept across reloads
+        self.router = Router(config, self.providers, health=self.health)
         self.state: dict[str, Any] = {}  # for plugins: keep per-proxy state under your name
         self.client_keys: list[tuple[str, bytes]] = []  # (name, key) pairs, set by the app factory
         self.sessions = SessionStore(config.proxy.session_ttl, config.proxy.max_sessions)
@@ -78,13 +81,23 @@ class ProxyContext:
     def backend_status(self) -> dict[str, dict[str, Any]]:
         """Every backend's :meth:`Provider.status` plus its targets' requests in flight
         (``{"backend:model": n}``), JSON-ready and free of key values."""
+        now = time.monotonic()
         status = {}
+        health = self.health
         for name, provider in self.providers.items():
             entry = provider.status()
             prefix = name + ":"
             entry["inflight"] = {label: n for label, n in self.router.inflight.items() if label.startswith(prefix)}
+            entry["breakers"] = {label: b.status(now) for label, b in health.breakers.items() if label.startswith(prefix)}
+            window = health.windows.get(f"backends.{name}")
+            entry["limits"] = window.status(now) if window is not None else {}
             status[name] = entry
         return status
+
+    def target_limits(self) -> dict[str, dict[str, Any]]:
+        """The rate windows of alias targets (``models.<alias>[i]`` → rpm/tpm used and limit)."""
+        now = time.monotonic()
+        return {name: window.status(now) for name, window in self.health.windows.items() if name.startswith("models.")}
 
     def add_secrets(self, owner: str, values: Any = (), patterns: Any = ()) -> None:
         """Have :attr:`redactor` also mask ``values`` (literal strings) and ``patterns``

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 from typing import Any, Awaitable, Callable
 
@@ -22,7 +23,8 @@ from .context import CONTEXT, ProxyContext
 from .errors import MAX_STREAM_RETRIES, ProxyError, RetryStream
 from .flow import ClientHeaders, ClientInfo, Flow
 from .manager import call_chain, call_chain_logged
-from .providers import UpstreamReply, UpstreamStream
+from .providers import UpstreamReply, UpstreamStream, retry_after_seconds
+from .resilience import backoff_delay, cannot_serve, estimate_tokens, failure_kind, request_needs
 
 log = logging.getLogger("llmproxy.flow")
 
@@ -211,37 +213,165 @@ async def dispatch(flow: Flow, ctx: ProxyContext, processors: list[Any] | None) 
     """Try each target in order; fail over on errors that another target may not have."""
 
     async def attempt(target: Any) -> Any:
+        provider = target.provider
         if processors is None:
-            return await target.provider.complete(flow, target)
-        passthrough = not processors and target.provider.protocol == flow.frontend
-        return await target.provider.stream(flow, target, passthrough)
+            return await provider.complete(flow, target)
+        if not target.streams:  # declared unable to stream: ask for the whole answer, re-stream it
+            return _restream(await provider.complete(flow, target))
+        passthrough = not processors and provider.protocol == flow.frontend
+        try:
+            return await provider.stream(flow, target, passthrough)
+        except ProxyError as error:
+            # The backend accepted the stream, then broke it before anything reached the
+            # client: once more without streaming, before giving up on this target.
+            if not getattr(error, "stream_broken", False) or not provider.settings.stream_fallback:
+                raise
+            log.warning("flow %s: %s broke its stream (%s); asking it again without streaming", flow.id, target.label, error.message)
+            return _restream(await provider.complete(flow, target))
 
     return await failover(flow, ctx, attempt)
 
 
+def _restream(reply: UpstreamReply) -> UpstreamStream:
+    if reply.response is not None:
+        return UpstreamStream(reply.protocol, batches=_once(response_events(reply.response)))
+    return UpstreamStream(reply.protocol, whole=reply.body or b"")
+
+
 async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Awaitable[Any]]) -> Any:
-    """``attempt(target)`` for each of the flow's targets in order until one succeeds; the
-    next target is tried only for errors another backend may not have (``RETRYABLE``)."""
+    """``attempt(target)`` for the flow's targets in order until one succeeds.
+
+    Per target: skipped when the config declares it cannot serve the request, when it is
+    polled unhealthy, when its circuit breaker is open, or when it is over its rpm/tpm;
+    else tried, and tried again (``retry.attempts``, with backoff) after errors another
+    try may not have (``RETRYABLE``), within ``timeout.attempt`` per try and
+    ``proxy.total_timeout`` overall. The next target gets its turn after those. When every
+    target was skipped, the client gets a 429 or 503 saying why, with a Retry-After.
+    """
     router = ctx.router
     targets = router.route(flow.model)  # the alias's strategy picks the first
-    last = len(targets) - 1
-    for i, target in enumerate(targets):
-        flow.target = target
-        router.begin(target)  # in flight until the answer is read (a stream: until closed)
-        try:
-            result = await attempt(target)
-        except BaseException as error:
-            router.end(target)
-            if not isinstance(error, ProxyError) or error.status not in RETRYABLE or i == last:
-                raise
-            log.warning("flow %s: %s failed (%s %s); trying the next target", flow.id, target.label, error.status, error.message)
+    total = ctx.config.proxy.total_timeout
+    deadline = flow.started + total if total is not None else None
+    skipped: list[tuple[Any, str, float]] = []  # (target, why, seconds until it may serve)
+    last_error: ProxyError | None = None
+    needs = None
+    for target in targets:
+        provider = target.provider
+        settings = provider.settings
+        declared = target.declared
+        if declared is not None:
+            needs = needs or request_needs(flow)
+            why = cannot_serve(declared, needs)
+            if why is not None:
+                skipped.append((target, why, -1.0))
+                continue
+        if provider.healthy is False:
+            skipped.append((target, "marked unhealthy by its model-list polls", 0.0))
             continue
-        if isinstance(result, UpstreamStream) and result.whole is None:
-            result.also_on_close(lambda target=target: router.end(target))
-        else:
-            router.end(target)
-        return result
-    raise AssertionError("unreachable")
+        breaker = ctx.health.breaker(target.label, settings.breaker)
+        retry = settings.retry
+        for tries in range(retry.attempts + 1):
+            now = time.monotonic()
+            if not breaker.allows(now):
+                skipped.append((target, f"circuit breaker open ({breaker.last_kind}), retry in {breaker.retry_in(now):.1f}s", breaker.retry_in(now)))
+                break
+            wait = _over_limits(flow, ctx, target, now)
+            if wait:
+                breaker.abandoned()
+                skipped.append((target, f"over its rate limit, frees up in {wait:.1f}s", wait))
+                break
+            flow.target = target
+            router.begin(target)  # in flight until the answer is read (a stream: until closed)
+            try:
+                limit = _time_left(settings.timeout.attempt, deadline)
+                if limit is None:
+                    result = await attempt(target)
+                else:
+                    async with asyncio.timeout(limit):
+                        result = await attempt(target)
+            except BaseException as error:
+                router.end(target)
+                if isinstance(error, TimeoutError) and not isinstance(error, ProxyError):
+                    error = ProxyError(504, f"backend {target.backend!r} did not begin answering within {limit:g}s", kind="timeout_error")
+                if not isinstance(error, ProxyError):
+                    breaker.abandoned()
+                    raise
+                kind = failure_kind(error)
+                if kind is None:
+                    breaker.success()  # the request's own fault: the backend is fine
+                    raise error from None
+                retry_after = retry_after_seconds(error.headers.get("Retry-After")) if error.headers else None
+                breaker.failure(kind, retry_after, time.monotonic())
+                last_error = error
+                if error.status not in RETRYABLE:
+                    raise error from None
+                delay = backoff_delay(tries, retry, retry_after) if tries < retry.attempts else None
+                if delay is None or (deadline is not None and time.monotonic() + delay >= deadline):
+                    log.warning("flow %s: %s failed (%s %s); trying the next target", flow.id, target.label, error.status, error.message)
+                    break
+                log.info("flow %s: %s failed (%s); trying it again in %.2fs", flow.id, target.label, error.status, delay)
+                await asyncio.sleep(delay)
+                continue
+            breaker.success()
+            if isinstance(result, UpstreamStream) and result.whole is None:
+                result.also_on_close(lambda target=target: router.end(target))
+            else:
+                router.end(target)
+            return result
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+    if last_error is not None:
+        raise last_error
+    raise _nothing_served(flow, targets, skipped)
+
+
+def _time_left(attempt: float | None, deadline: float | None) -> float | None:
+    if deadline is None:
+        return attempt
+    left = max(0.001, deadline - time.monotonic())
+    return left if attempt is None else min(attempt, left)
+
+
+def _over_limits(flow: Flow, ctx: ProxyContext, target: Any, now: float) -> float:
+    """0 when the target's and its backend's rate windows take this request (which is then
+    counted in them), else the seconds until they would."""
+    settings = target.provider.settings
+    backend_window = ctx.health.window(f"backends.{target.backend}", settings.rpm, settings.tpm) if (settings.rpm or settings.tpm) else None
+    window = target.window
+    if window is None and backend_window is None:
+        return 0.0
+    tokens = estimate_tokens(flow)
+    wait = max(window.wait(now, tokens) if window is not None else 0.0, backend_window.wait(now, tokens) if backend_window is not None else 0.0)
+    if wait > 0:
+        return wait
+    admitted = [w.admit(now, tokens) for w in (window, backend_window) if w is not None]
+    flow.metadata["llmproxy.rate_entries"] = list(zip([w for w in (window, backend_window) if w is not None], admitted))
+    return 0.0
+
+
+def _nothing_served(flow: Flow, targets: Any, skipped: list[tuple[Any, str, float]]) -> ProxyError:
+    reasons = "; ".join(f"{target.label}: {why}" for target, why, _ in skipped)
+    waits = [seconds for _, _, seconds in skipped if seconds >= 0]
+    if not waits:  # nothing could ever serve it as configured
+        return ProxyError(400, f"no target of {flow.model!r} can serve this request ({reasons})", code="no_capable_target")
+    retry_in = max(1, math.ceil(min(waits)))
+    limited = all("rate limit" in why or "rate_limit" in why for _, why, seconds in skipped if seconds >= 0)
+    status = 429 if limited else 503
+    return ProxyError(status, f"no target of {flow.model!r} is available now ({reasons})", code="targets_unavailable", headers={"Retry-After": str(retry_in)})
+
+
+def settle_rate_limits(flow: Flow) -> None:
+    """Replace the estimated tokens counted for ``tpm`` with the flow's reported usage."""
+    entries = flow.metadata.pop("llmproxy.rate_entries", None)
+    if not entries or not any(window.tpm for window, _ in entries):
+        return
+    response = flow.response if flow.error is None else None
+    usage = response.usage if response is not None else None
+    if usage is None or not (usage.input_tokens or usage.output_tokens):
+        return
+    used = (usage.input_tokens or 0) + (usage.output_tokens or 0)
+    for window, entry in entries:
+        window.settle(entry, used)
 
 
 async def _fail(flow: Flow, ctx: ProxyContext, writer: "Writer", error: ProxyError) -> None:
@@ -268,6 +398,8 @@ async def _fail(flow: Flow, ctx: ProxyContext, writer: "Writer", error: ProxyErr
 
 async def _done(flow: Flow, ctx: ProxyContext) -> None:
     flow.ended = time.monotonic()
+    if "llmproxy.rate_entries" in flow.metadata:
+        settle_rate_limits(flow)
     if ctx.chains.flow_done:
         await call_chain_logged(ctx.chains.flow_done, skip=flow.disabled_plugins, flow=flow)
     if log.isEnabledFor(logging.INFO):

@@ -123,6 +123,9 @@ class Provider:
     # Non-chat endpoints this backend serves as they are (path under base_url).
     endpoints: ClassVar[frozenset[str]] = frozenset()
 
+    # False once the backend's model-list polls fail (see discovery); None: not polled.
+    healthy: bool | None = None
+
     def __init__(self, name: str, settings: BackendConfig, context: "ProxyContext") -> None:
         self.name = name
         self.settings = settings
@@ -193,7 +196,7 @@ class HTTPProvider(Provider):
         self.base_url = (settings.base_url or self.default_base_url or "").rstrip("/")
         # Keys stay references; what is kept here is only their names and rest times.
         count = len(settings.api_keys)
-        self.key_names: tuple[str, ...] = tuple(f"{name}#{i}" for i in range(count))
+        self.key_names: tuple[str, ...] = tuple(ref.label or f"{name}#{i}" for i, ref in enumerate(settings.api_keys))
         self.key_resting_until: list[float] = [0.0] * count  # time.monotonic() a key rests until (429)
         self._key_turn = 0  # key_strategy round_robin: where the next request starts
         self._probe_cache: tuple[float, tuple[bool, str]] | None = None
@@ -340,6 +343,9 @@ class HTTPProvider(Provider):
         if flow.frontend == self.protocol and not flow.request_decoded:
             body = dict(flow.raw_request)
             body["model"] = target.model
+            if not stream and body.get("stream"):  # a stream asked without streaming (stream_fallback)
+                body["stream"] = False
+                body.pop("stream_options", None)
             return body
         request = flow.request
         request.stream = stream
@@ -384,7 +390,13 @@ class HTTPProvider(Provider):
         """Send the request and return the backend's answer once it has headers; an error
         status raises ProxyError. A 429 rests the key it was sent with and, while the
         backend has a key that is not resting, sends again at once with that key."""
-        index, key = self.choose_key()
+        pinned = target.key_index
+        if pinned is None:
+            index, key = self.choose_key()
+        else:  # the alias target names its key: that one only, resting or not
+            index, key = pinned, self.settings.api_keys[pinned].get()
+            if not key:
+                raise ProxyError(500, f"backend {self.name!r}: {self.settings.api_keys[pinned].describe()} (key {self.key_names[pinned]}) is not set", kind="configuration_error")
         tried = 0
         while True:
             if body is None or tried:
@@ -398,6 +410,8 @@ class HTTPProvider(Provider):
                 if error.status != 429 or index < 0:
                     raise
                 seconds = self.rest_key(index, error.headers.get("Retry-After"))
+                if pinned is not None:
+                    raise
                 tried |= 1 << index
                 rested = self.key_names[index]
                 index, key = self.choose_key(tried, rested_only=True)
@@ -505,9 +519,26 @@ class HTTPProvider(Provider):
         record: list[tuple[float, bytes]] | None = None
         if recording:
             record = attempt.response_chunks = []  # type: ignore[union-attr]
+        # The first bytes are read here, inside the attempt: a backend that answers 200 and
+        # then goes silent or hangs up before sending anything fails over like one that
+        # refused, since nothing has reached the client yet.
+        try:
+            first = await response.content.readany()
+        except asyncio.TimeoutError:
+            response.close()
+            raise _broken(ProxyError(504, f"backend {self.name!r} went silent before its first event", kind="timeout_error")) from None
+        except aiohttp.ClientError as error:
+            response.close()
+            raise _broken(ProxyError(502, f"backend {self.name!r} broke off the stream before its first event: {type(error).__name__}", kind="upstream_unreachable")) from None
+        if not first:
+            response.close()
+            raise _broken(ProxyError(502, f"backend {self.name!r} ended the stream without sending anything", kind="upstream_unreachable"))
+        if record is not None:
+            record.append((time.monotonic(), first))
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
+                yield first
                 async for chunk in response.content.iter_any():
                     if record is not None:
                         record.append((time.monotonic(), chunk))
@@ -529,6 +560,12 @@ class HTTPProvider(Provider):
             response.close()
 
         return UpstreamStream(self.protocol, chunks=chunks(), on_close=close)
+
+
+def _broken(error: ProxyError) -> ProxyError:
+    """Mark a stream that failed after its headers (see ``BackendConfig.stream_fallback``)."""
+    error.stream_broken = True  # type: ignore[attr-defined]
+    return error
 
 
 def retry_after_seconds(value: str | None) -> float | None:

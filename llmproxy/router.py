@@ -20,24 +20,45 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from .config import ConfigError
 from .errors import ProxyError
 
 if TYPE_CHECKING:
-    from .config import Config, ModelAlias
+    from .config import AliasTarget, Config, ModelAlias
     from .providers import Provider
+    from .resilience import Health, RateWindow
 
 _GLOB = re.compile(r"[*?\[]")
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
+    """One way to serve a request: a backend's model, with what the config says of it."""
+
     backend: str
     model: str
     provider: "Provider"
+    key_index: int | None = field(default=None, compare=False)  # a pinned key (no rotation)
+    window: "RateWindow | None" = field(default=None, compare=False, repr=False)  # the alias target's rpm/tpm
+    declared: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # capabilities the config declares
     label: str = field(init=False, compare=False, repr=False)  # "backend:model", built once
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label", f"{self.backend}:{self.model}")
+
+    @property
+    def streams(self) -> bool:
+        return self.declared is None or self.declared.get("streaming") is not False
+
+
+def declared_capabilities(provider: "Provider", spec: "AliasTarget | None" = None) -> dict[str, Any] | None:
+    """The backend's declared capabilities, overridden by the alias target's (None: none)."""
+    declared: dict[str, Any] = {}
+    if provider.settings.capabilities is not None:
+        declared.update(provider.settings.capabilities.declared())
+    if spec is not None and spec.capabilities is not None:
+        declared.update(spec.capabilities.declared())
+    return declared or None
 
 
 class Alias:
@@ -45,13 +66,15 @@ class Alias:
 
     __slots__ = ("name", "strategy", "targets", "orders", "weights", "cumulative", "current", "turn")
 
-    def __init__(self, name: str, spec: "ModelAlias", providers: dict[str, "Provider"]) -> None:
+    def __init__(self, name: str, spec: "ModelAlias", providers: dict[str, "Provider"], health: "Health | None" = None) -> None:
         self.name = name
         self.strategy = spec.strategy
         targets = []
-        for entry in spec.targets:
+        for i, entry in enumerate(spec.targets):
             backend, _, model = entry.target.partition(":")
-            targets.append(Target(backend, model, providers[backend]))
+            provider = providers[backend]
+            window = health.window(f"models.{name}[{i}]", entry.rpm, entry.tpm) if health is not None else None
+            targets.append(Target(backend, model, provider, _key_index(provider, entry, f"models.{name}.targets[{i}].key"), window, declared_capabilities(provider, entry)))
         self.targets: tuple[Target, ...] = tuple(targets)
         # orders[i]: target i first, then the others as listed.
         self.orders: tuple[tuple[Target, ...], ...] = tuple(
@@ -67,14 +90,23 @@ class Alias:
         self.turn = 0  # round robin position
 
 
+def _key_index(provider: "Provider", entry: "AliasTarget", path: str) -> int | None:
+    if entry.key is None:
+        return None
+    names = list(getattr(provider, "key_names", ()))
+    if entry.key in names:
+        return names.index(entry.key)
+    raise ConfigError([f"{path}: backend {provider.name!r} has no key named {entry.key!r} (its keys: {', '.join(names) or 'none'})"])
+
+
 class Router:
-    def __init__(self, config: "Config", providers: dict[str, "Provider"], rng: random.Random | None = None) -> None:
+    def __init__(self, config: "Config", providers: dict[str, "Provider"], rng: random.Random | None = None, health: "Health | None" = None) -> None:
         self.config = config
         self.providers = providers
         self.aliases: dict[str, Alias] = {}
         self.patterns: list[tuple[Callable[[str], Any], Alias]] = []  # in file order
         for name, spec in config.models.items():
-            alias = Alias(name, spec, providers)
+            alias = Alias(name, spec, providers, health)
             if _GLOB.search(name):
                 self.patterns.append((re.compile(fnmatch.translate(name)).match, alias))
             else:
@@ -186,7 +218,7 @@ class Router:
         provider = self.providers[backend]
         if not provider.accepts_model(model):
             raise self._unknown(asked, f"backend {backend!r} serves only {', '.join(provider.models)}")
-        return Target(backend, model, provider)
+        return Target(backend, model, provider, declared=declared_capabilities(provider))
 
     def _unknown(self, name: str, why: str) -> ProxyError:
         known = [alias.name for _, alias in self.patterns] + self.known_models()

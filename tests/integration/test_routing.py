@@ -300,10 +300,22 @@ async def until_key_used(http: aiohttp.ClientSession, proxy: RunningProxy, fake:
         await models_served(http, proxy, fake, "gpt-4o-mini", 1)
 
 
-async def test_a_single_key_429_still_reaches_the_client(fake_openai: FakeOpenAI, start: Start, http: aiohttp.ClientSession) -> None:
-    """With every key resting the backend is still asked (the one resting least long), so
-    a 429 reaches the client with its Retry-After and the backend's next answer counts."""
+async def test_a_single_key_429_reaches_the_client_and_opens_the_breaker(fake_openai: FakeOpenAI, start: Start, http: aiohttp.ClientSession) -> None:
+    """The backend's 429 reaches the client with its Retry-After; the target's breaker then
+    stays open that long, so the next request is answered 429 by llmproxy without asking."""
     proxy = await start({"backends": {"up": backend(fake_openai)}, "default_backend": "up"})
+    fake_openai.script_next(status=429, message="slow down", retry_after="30")
+    status, headers, body = await chat(http, proxy, "gpt-4o-mini")
+    assert status == 429 and headers["Retry-After"] == "30" and body["error"]["message"] == "slow down"
+    status, headers, body = await chat(http, proxy, "gpt-4o-mini")
+    assert status == 429 and body["error"]["code"] == "targets_unavailable"
+    assert 28 <= int(headers["Retry-After"]) <= 30 and "circuit breaker open (rate_limit)" in body["error"]["message"]
+    assert len(fake_openai.requests) == 1
+
+
+async def test_without_the_breaker_every_request_is_sent(fake_openai: FakeOpenAI, start: Start, http: aiohttp.ClientSession) -> None:
+    """With every key resting the backend is still asked (the one resting least long)."""
+    proxy = await start({"backends": {"up": {**backend(fake_openai), "breaker": {"enabled": False}}}, "default_backend": "up"})
     fake_openai.script_next(status=429, message="slow down", retry_after="30")
     status, headers, body = await chat(http, proxy, "gpt-4o-mini")
     assert status == 429 and headers["Retry-After"] == "30" and body["error"]["message"] == "slow down"

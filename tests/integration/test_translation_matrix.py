@@ -111,8 +111,10 @@ async def rig() -> AsyncIterator[Rig]:
         fakes = {name: await cls().start() for name, cls in FAKES.items()}
         config = {
             "proxy": {"drain_timeout": 0},
+            # every upstream error cell reuses one proxy: no breaker, so each error is the backend's own
             "backends": {
-                name: {"type": BACKEND_TYPES[name], "base_url": fake.base_url, "api_keys": ["${MATRIX_UPSTREAM_KEY}"]} for name, fake in fakes.items()
+                name: {"type": BACKEND_TYPES[name], "base_url": fake.base_url, "api_keys": ["${MATRIX_UPSTREAM_KEY}"],
+                       "breaker": {"enabled": False}} for name, fake in fakes.items()
             },
             "models": {f"via-{name}": {"targets": [f"{name}:{UPSTREAM_MODELS[name]}"]} for name in PROTOCOLS},
         }
