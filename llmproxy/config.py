@@ -110,6 +110,7 @@ class ProxySettings(_Strict):
         0.0, ge=0, description="When every target is over its rpm/tpm, wait up to this many seconds for one to free up (0: answer 429 at once)."
     )
     rate_limit_queue: int = Field(100, ge=0, description="Requests that may wait for a rate limit at once; beyond, 429 at once.")
+    rate_window: float = Field(60.0, gt=0, description="Seconds the rpm/tpm windows count over (60: per minute).")
 
     def is_loopback(self) -> bool:
         return is_loopback_host(self.host)

@@ -41,6 +41,7 @@ class ProxyContext:
             cls = host.provider_types[section["type"]]
             self.providers[name] = cls(name, cls.Settings.model_validate(section), self)
         self.health = Health()  # breakers and rate windows, kept across reloads
+        self.health.span = config.proxy.rate_window
         self.router = Router(config, self.providers, health=self.health)
         self.state: dict[str, Any] = {}  # for plugins: keep per-proxy state under your name
         self.client_keys: list[tuple[str, bytes]] = []  # (name, key) pairs, set by the app factory
@@ -72,7 +73,7 @@ class ProxyContext:
         if reply.response is not None:
             return reply.response
         try:
-            data = loads(reply.body or b"")
+            data = reply.data if reply.data is not None else loads(reply.body or b"")
         except ValueError:
             backend = flow.target.backend if flow.target is not None else "?"
             raise ProxyError(502, f"backend {backend!r} sent a body that is not JSON") from None

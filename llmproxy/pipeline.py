@@ -173,10 +173,12 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "Writer") -> None:
             flow.response = reply.response
         else:
             raw = reply.body or b""
-            try:
-                data = loads(raw)
-            except ValueError:
-                raise ProxyError(502, f"backend {flow.target.backend!r} sent a body that is not JSON") from None  # type: ignore[union-attr]
+            data = reply.data
+            if data is None:
+                try:
+                    data = loads(raw)
+                except ValueError:
+                    raise ProxyError(502, f"backend {flow.target.backend!r} sent a body that is not JSON") from None  # type: ignore[union-attr]
             upstream_codec = get_codec(reply.protocol)
             if reply.protocol == flow.frontend:
                 # Decoded only if a hook reads it: an answer nobody looked at goes out
@@ -248,11 +250,40 @@ async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Await
     ``proxy.total_timeout`` overall. The next target gets its turn after those. When every
     target was skipped, the client gets a 429 or 503 saying why, with a Retry-After.
     """
+    targets = ctx.router.route(flow.model)  # the alias's strategy picks the first
+    proxy = ctx.config.proxy
+    deadline = flow.started + proxy.total_timeout if proxy.total_timeout is not None else None
+    waited_until = None
+    while True:
+        skipped: list[tuple[Any, str, float]] = []  # (target, why, seconds until it may serve)
+        served = await _try_targets(flow, ctx, attempt, targets, deadline, skipped)
+        if served is not _ALL_SKIPPED:
+            return served
+        error = _nothing_served(flow, skipped)
+        # rate_limit_wait: every target is only over its rate limit, so wait (in a bounded
+        # queue) for the first to free up rather than answer 429 at once.
+        now = time.monotonic()
+        if error.status != 429 or proxy.rate_limit_wait <= 0:
+            raise error
+        waited_until = waited_until or now + proxy.rate_limit_wait
+        if deadline is not None:
+            waited_until = min(waited_until, deadline)
+        wait = min(seconds for _, _, seconds in skipped if seconds >= 0)
+        health = ctx.health
+        if now + wait > waited_until or health.waiting >= proxy.rate_limit_queue:
+            raise error
+        health.waiting += 1
+        try:
+            await asyncio.sleep(wait + 0.001)
+        finally:
+            health.waiting -= 1
+
+
+async def _try_targets(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Awaitable[Any]], targets: Any, deadline: float | None, skipped: list[tuple[Any, str, float]]) -> Any:
+    """One pass over ``targets``: the answer, or ``_ALL_SKIPPED`` when every target was
+    skipped (each with its reason in ``skipped``); the last error when targets were tried
+    and failed."""
     router = ctx.router
-    targets = router.route(flow.model)  # the alias's strategy picks the first
-    total = ctx.config.proxy.total_timeout
-    deadline = flow.started + total if total is not None else None
-    skipped: list[tuple[Any, str, float]] = []  # (target, why, seconds until it may serve)
     last_error: ProxyError | None = None
     needs = None
     for target in targets:
@@ -322,7 +353,10 @@ async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Await
             break
     if last_error is not None:
         raise last_error
-    raise _nothing_served(flow, targets, skipped)
+    return _ALL_SKIPPED
+
+
+_ALL_SKIPPED = object()
 
 
 def _time_left(attempt: float | None, deadline: float | None) -> float | None:
@@ -349,13 +383,13 @@ def _over_limits(flow: Flow, ctx: ProxyContext, target: Any, now: float) -> floa
     return 0.0
 
 
-def _nothing_served(flow: Flow, targets: Any, skipped: list[tuple[Any, str, float]]) -> ProxyError:
+def _nothing_served(flow: Flow, skipped: list[tuple[Any, str, float]]) -> ProxyError:
     reasons = "; ".join(f"{target.label}: {why}" for target, why, _ in skipped)
     waits = [seconds for _, _, seconds in skipped if seconds >= 0]
     if not waits:  # nothing could ever serve it as configured
         return ProxyError(400, f"no target of {flow.model!r} can serve this request ({reasons})", code="no_capable_target")
     retry_in = max(1, math.ceil(min(waits)))
-    limited = all("rate limit" in why or "rate_limit" in why for _, why, seconds in skipped if seconds >= 0)
+    limited = all(why.startswith("over its rate limit") or "(rate_limit)" in why for _, why, seconds in skipped if seconds >= 0)
     status = 429 if limited else 503
     return ProxyError(status, f"no target of {flow.model!r} is available now ({reasons})", code="targets_unavailable", headers={"Retry-After": str(retry_in)})
 

@@ -56,6 +56,7 @@ class UpstreamReply:
     protocol: str
     body: bytes | None = None
     response: Response | None = None
+    data: Any = None  # ``body`` parsed, once the pipeline has checked it is JSON
 
 
 class UpstreamStream:
@@ -481,7 +482,13 @@ class HTTPProvider(Provider):
 
     async def complete(self, flow: Flow, target: "Target") -> UpstreamReply:
         response = await self._send(flow, target, False, False)
-        return await self._reply(response, flow.attempts[-1])
+        reply = await self._reply(response, flow.attempts[-1])
+        try:  # parsed here, inside the attempt: a body that is not JSON fails over like a 502
+            reply.data = loads(reply.body or b"")
+        except ValueError:
+            flow.attempts[-1].error = "malformed JSON"
+            raise ProxyError(502, f"backend {self.name!r} sent a body that is not JSON", kind="upstream_unreachable") from None
+        return reply
 
     async def _reply(self, response: aiohttp.ClientResponse, attempt: Attempt | None = None) -> UpstreamReply:
         try:

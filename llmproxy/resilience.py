@@ -108,19 +108,20 @@ class Breaker:
 
 
 class RateWindow:
-    """Requests and tokens of the last 60 seconds (a sliding log), against ``rpm``/``tpm``."""
+    """Requests and tokens of the last ``span`` seconds (a sliding log; 60 unless
+    ``proxy.rate_window`` says otherwise), against ``rpm``/``tpm``."""
 
-    SPAN = 60.0
-    __slots__ = ("rpm", "tpm", "log", "tokens")
+    __slots__ = ("rpm", "tpm", "span", "log", "tokens")
 
-    def __init__(self, rpm: int | None, tpm: int | None) -> None:
+    def __init__(self, rpm: int | None, tpm: int | None, span: float = 60.0) -> None:
         self.rpm = rpm
         self.tpm = tpm
+        self.span = span
         self.log: deque[list[float]] = deque()  # [time, tokens] per admitted request
         self.tokens = 0.0
 
     def _prune(self, now: float) -> None:
-        log, horizon = self.log, now - self.SPAN
+        log, horizon = self.log, now - self.span
         while log and log[0][0] <= horizon:
             self.tokens -= log.popleft()[1]
 
@@ -129,7 +130,7 @@ class RateWindow:
         self._prune(now)
         log = self.log
         if self.rpm is not None and len(log) >= self.rpm:
-            return log[len(log) - self.rpm][0] + self.SPAN - now
+            return log[len(log) - self.rpm][0] + self.span - now
         if self.tpm is not None and log and self.tokens + tokens > self.tpm:
             # wait until enough of the oldest entries have left the window (a request larger
             # than the whole budget goes through an empty window alone)
@@ -137,8 +138,8 @@ class RateWindow:
             for at, used in log:
                 excess -= used
                 if excess <= 0:
-                    return at + self.SPAN - now
-            return log[-1][0] + self.SPAN - now
+                    return at + self.span - now
+            return log[-1][0] + self.span - now
         return 0.0
 
     def admit(self, now: float, tokens: float) -> list[float]:
@@ -149,7 +150,7 @@ class RateWindow:
 
     def settle(self, entry: list[float], tokens: float) -> None:
         """Replace an admitted request's estimate with what it really used."""
-        if self.log and entry[0] > time.monotonic() - self.SPAN:
+        if self.log and entry[0] > time.monotonic() - self.span:
             self.tokens += tokens - entry[1]
         entry[1] = tokens
 
@@ -220,6 +221,8 @@ class Health:
     def __init__(self) -> None:
         self.breakers: dict[str, Breaker] = {}
         self.windows: dict[str, RateWindow] = {}
+        self.span = 60.0  # seconds a rate window counts over (``proxy.rate_window``)
+        self.waiting = 0  # requests waiting for a rate limit (``proxy.rate_limit_queue``)
 
     def breaker(self, label: str, settings: "BreakerSettings") -> Breaker:
         breaker = self.breakers.get(label)
@@ -235,7 +238,7 @@ class Health:
             return None
         window = self.windows.get(name)
         if window is None:
-            window = self.windows[name] = RateWindow(rpm, tpm)
+            window = self.windows[name] = RateWindow(rpm, tpm, self.span)
         else:
-            window.rpm, window.tpm = rpm, tpm
+            window.rpm, window.tpm, window.span = rpm, tpm, self.span
         return window
