@@ -496,7 +496,7 @@ class HTTPProvider(Provider):
         except asyncio.TimeoutError:
             raise ProxyError(504, f"backend {self.name!r} stopped answering", kind="timeout_error") from None
         except aiohttp.ClientError as error:
-            raise ProxyError(502, f"backend {self.name!r} broke off its answer: {type(error).__name__}") from None
+            raise _network(ProxyError(502, f"backend {self.name!r} broke off its answer: {type(error).__name__}")) from None
         finally:
             response.release()
             if attempt is not None:
@@ -553,7 +553,7 @@ class HTTPProvider(Provider):
             except asyncio.TimeoutError:
                 raise ProxyError(504, f"backend {self.name!r} went silent mid-stream", kind="timeout_error") from None
             except aiohttp.ClientError as error:
-                raise ProxyError(502, f"backend {self.name!r} broke off the stream: {type(error).__name__}") from None
+                raise _network(ProxyError(502, f"backend {self.name!r} broke off the stream: {type(error).__name__}")) from None
             finally:
                 if attempt is not None and attempt.ended is None:
                     attempt.ended = time.monotonic()
@@ -567,6 +567,12 @@ class HTTPProvider(Provider):
             response.close()
 
         return UpstreamStream(self.protocol, chunks=chunks(), on_close=close)
+
+
+def _network(error: ProxyError) -> ProxyError:
+    """Mark a failure of the connection rather than of the backend's answer (for breakers)."""
+    error.network = True  # type: ignore[attr-defined]
+    return error
 
 
 def _broken(error: ProxyError) -> ProxyError:

@@ -34,7 +34,7 @@ def failure_kind(error: ProxyError) -> str | None:
     status = error.status
     if status == 429:
         return RATE_LIMITED
-    if status in (408, 504) or error.kind in ("timeout_error", "upstream_unreachable"):
+    if status in (408, 504) or error.kind in ("timeout_error", "upstream_unreachable") or getattr(error, "network", False):
         return NETWORK
     if status >= 500 or status == 409:
         return SERVER

@@ -62,6 +62,12 @@ class Behaviour:
     stream after this many events. The connection stays open until the peer closes it."""
     event_delay: float = 0.0
     """Seconds to wait before each stream event."""
+    delay: float = 0.0
+    """Seconds to wait before answering at all (a slow backend)."""
+    cut_body: bool = False
+    """Non-streamed: send the headers and half the body, then drop the connection."""
+    hang_after_headers: bool = False
+    """Stream: send the headers, then go silent before the first event."""
     error_after: int | None = None
     """Stream: after this many events send the protocol's in-stream error (Anthropic
     ``event: error``, Responses ``response.failed``, Gemini and OpenAI a ``data:`` frame
@@ -116,6 +122,8 @@ class Received:
     """The model asked for (from the body, or Gemini's URL)."""
     status: int = 200
     """The HTTP status answered."""
+    cut: bool = False
+    """The answer was cut short on purpose (:attr:`Behaviour.cut_body`)."""
 
     @property
     def key(self) -> str | None:
@@ -446,7 +454,10 @@ class FakeUpstream:
         received.model = model
         self.requests.append(received)
         try:
-            return await answer(request, received)
+            response = await answer(request, received)
+            if received.cut and isinstance(response, web.Response) and response.body:
+                return await _cut_short(request, response)
+            return response
         except RequestError as exc:
             return self.error(received, exc.status, str(exc))
         except (asyncio.CancelledError, ConnectionError):
@@ -458,6 +469,10 @@ class FakeUpstream:
     async def faults(self, received: Received, behaviour: Behaviour, stream: bool) -> web.Response | None:
         """The scripted faults that come before any answer: an error status, a hang, a
         malformed non-streamed body. None when the request should be answered."""
+        if behaviour.delay:
+            await asyncio.sleep(behaviour.delay)
+        if behaviour.cut_body and not stream:
+            received.cut = True  # answered as usual, then cut short by serve()
         if behaviour.status is not None:
             message = behaviour.message.replace("{key}", received.key or "")
             return self.error(received, behaviour.status, message, behaviour.error_type, behaviour.error_code, behaviour.retry_after)
@@ -514,6 +529,8 @@ class FakeUpstream:
             frames.insert(min(2, len(frames)), malformed if malformed is not None else self.malformed_frame())
         response = web.StreamResponse(headers=headers or self.sse_headers)
         await response.prepare(request)
+        if behaviour.hang_after_headers:
+            await forever()
         for sent, frame in enumerate(frames):
             if sent == behaviour.break_after:
                 # Drop the connection mid-answer: no terminating event.
@@ -540,6 +557,17 @@ def sse(data: Any, event: str | None = None, end: bytes = b"\n\n") -> bytes:
     payload = json.dumps(data).encode() if not isinstance(data, bytes) else data
     head = f"event: {event}\n".encode() if event else b""
     return head + b"data: " + payload + end
+
+
+async def _cut_short(request: web.Request, answer: web.Response) -> web.StreamResponse:
+    """Send ``answer``'s headers and the first half of its body, then drop the connection."""
+    body = bytes(answer.body)  # type: ignore[arg-type]
+    response = web.StreamResponse(status=answer.status, headers={"Content-Type": answer.content_type, "Content-Length": str(len(body))})
+    await response.prepare(request)
+    await response.write(body[: len(body) // 2])
+    assert request.transport is not None
+    request.transport.abort()
+    return response
 
 
 async def forever() -> None:
