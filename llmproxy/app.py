@@ -7,6 +7,7 @@ import errno
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from aiohttp import web
@@ -105,6 +106,11 @@ def create_app(ctx: ProxyContext) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await ctx.start()
+        interval = ctx.config.proxy.reload_check
+        if interval > 0 and Path(ctx.config.source).is_file():
+            from .reload import watch
+
+            ctx.spawn(watch(ctx, interval))
         yield
         await ctx.stop()
 
@@ -187,6 +193,10 @@ async def serve(config: Config, host: PluginHost, ready: Callable[[str], None] |
             loop.add_signal_handler(signum, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: ctx.spawn(ctx.reload()))
+    except (NotImplementedError, RuntimeError, AttributeError):
+        pass
     port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else config.proxy.port  # type: ignore[union-attr]
     url = f"http://{config.proxy.host}:{port}"
     log.info("llmproxy %s ready on %s in %.0f ms (backends: %s; default: %s)", __version__, url,

@@ -98,10 +98,10 @@ def serve_command(config_path: str | None, host: str | None, port: int | None, l
     except (ConfigError, PluginLoadError) as error:
         _fail(error)
         return
-    if host:
-        config.proxy.host = host
-    if port is not None:
-        config.proxy.port = port
+    overrides = {key: value for key, value in (("host", host or None), ("port", port)) if value is not None}
+    for key, value in overrides.items():
+        setattr(config.proxy, key, value)
+    config.cli_overrides = overrides  # kept by a reload of the file
     level = log_level or config.proxy.log_level
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from .app import serve

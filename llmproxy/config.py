@@ -111,6 +111,9 @@ class ProxySettings(_Strict):
     )
     rate_limit_queue: int = Field(100, ge=0, description="Requests that may wait for a rate limit at once; beyond, 429 at once.")
     rate_window: float = Field(60.0, gt=0, description="Seconds the rpm/tpm windows count over (60: per minute).")
+    reload_check: float = Field(
+        2.0, ge=0, description="Seconds between checks of the config file for changes, applied without a restart (0: off; SIGHUP still reloads)."
+    )
 
     def is_loopback(self) -> bool:
         return is_loopback_host(self.host)
@@ -285,9 +288,19 @@ class Config(_Strict):
     models: dict[str, ModelAlias] = Field(default_factory=dict)
     plugins: PluginsSection = Field(default_factory=PluginsSection)
 
-    # Private, so that neither is a key the file could set.
+    # Private, so that none is a key the file could set.
     _source: str = PrivateAttr("<defaults>")
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
+    _cli_overrides: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def cli_overrides(self) -> dict[str, Any]:
+        """``proxy`` settings given on the command line (``--host``, ``--port``): a reload keeps them."""
+        return self._cli_overrides
+
+    @cli_overrides.setter
+    def cli_overrides(self, value: dict[str, Any]) -> None:
+        self._cli_overrides = dict(value)
 
     @property
     def source(self) -> str:

@@ -50,6 +50,29 @@ class ProxyContext:
         self.stopping = False  # set when the drain gives up on what is still running
         self._secrets: dict[str, tuple[tuple[str, ...], tuple[Pattern, ...]]] = {}
         self._redactor: Redactor | None = None
+        self.reload_lock = asyncio.Lock()
+        self.reloads = 0  # configs applied since start-up
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def reload(self, config: Config | None = None) -> dict[str, Any]:
+        """Validate and apply a new config — ``config``, or the config file read again —
+        without dropping requests; an invalid one is rejected and the old one stays. Returns
+        ``{"status": "applied" | "unchanged" | "rejected", "problems": [...], "changed": [...]}``
+        (see :mod:`llmproxy.reload`)."""
+        from .reload import reload
+
+        return await reload(self, config)
+
+    def spawn(self, coro: Any) -> "asyncio.Task[Any]":
+        """Run ``coro`` in the background for as long as the proxy runs (cancelled at stop)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def forget_redactor(self) -> None:
+        """Rebuild :attr:`redactor` on next use (the keys it masks may have changed)."""
+        self._redactor = None
 
     def settings(self, plugin: str) -> Any:
         """``plugin``'s validated settings (an instance of its settings model), or None."""
@@ -142,6 +165,10 @@ class ProxyContext:
                 raise ConfigError([f"plugins.{impl.plugin}: failed to start: {type(error).__name__}: {error}"], self.config.source) from None
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
         await call_chain_logged(self.chains.by_hook["shutdown"], context=self)
         for provider in self.providers.values():
             try:
