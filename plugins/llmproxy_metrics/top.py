@@ -61,12 +61,13 @@ class AdminAPI:
 
     def snapshot(self, limit: int) -> dict[str, Any]:
         flows = self.get(f"/admin/api/flows?limit={limit}")
-        backends = self.get("/admin/api/backends")
         if not isinstance(flows, dict) or not isinstance(flows.get("flows"), list):
             raise AdminAPIError(f"{self.url}/admin/api/flows did not answer {{\"flows\": [...]}}")
+        backends = self.get("/admin/api/backends")
         if not isinstance(backends, dict) or not isinstance(backends.get("backends"), dict):
             raise AdminAPIError(f"{self.url}/admin/api/backends did not answer {{\"backends\": {{...}}}}")
-        return {"flows": flows["flows"], "backends": backends["backends"]}
+        # Entries off the contract are left out rather than allowed to break the view.
+        return {"flows": [f for f in flows["flows"] if isinstance(f, dict)], "backends": backends["backends"]}
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -75,7 +76,9 @@ class AdminAPI:
 def _ms(value: Any) -> str:
     if not isinstance(value, (int, float)):
         return "-"
-    return f"{value / 1000:.1f}s" if value >= 10_000 else f"{value:.0f}ms"
+    if value >= 10_000:
+        return f"{value / 1000:.1f}s"
+    return f"{value:.1f}ms" if value < 10 else f"{value:.0f}ms"
 
 
 def _tokens(flow: dict[str, Any]) -> str:
@@ -105,8 +108,8 @@ def _route(flow: dict[str, Any]) -> str:
         return asked
     upstream = flow.get("upstream_model")
     served = f"{backend}:{upstream}" if upstream else backend
-    attempts = flow.get("attempts") or 0
-    return f"{asked} → {served}" + (f" ({attempts} tries)" if attempts > 1 else "")
+    attempts = flow.get("attempts")
+    return f"{asked} → {served}" + (f" ({attempts} tries)" if isinstance(attempts, int) and attempts > 1 else "")
 
 
 def flows_table(flows: list[dict[str, Any]]) -> Any:
@@ -128,15 +131,16 @@ def flows_table(flows: list[dict[str, Any]]) -> Any:
 
 
 def _resting(entry: dict[str, Any]) -> str:
-    keys = entry.get("keys") or []
-    resting = [f"{k.get('name')} ({k.get('resting_for', 0):.0f}s)" for k in keys if isinstance(k, dict) and (k.get("resting_for") or 0) > 0]
+    keys = [k for k in entry.get("keys") or () if isinstance(k, dict)]
+    resting = [f"{k.get('name')} ({k['resting_for']:.0f}s)" for k in keys if isinstance(k.get("resting_for"), (int, float)) and k["resting_for"] > 0]
     if not keys:
         return "-"
     return ", ".join(resting) if resting else f"none of {len(keys)}"
 
 
 def _inflight(entry: dict[str, Any]) -> str:
-    inflight = entry.get("inflight") or {}
+    inflight = entry.get("inflight")
+    inflight = inflight if isinstance(inflight, dict) else {}
     total = sum(n for n in inflight.values() if isinstance(n, (int, float)))
     return f"{total:g}" if total else "0"
 
