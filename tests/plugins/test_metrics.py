@@ -230,6 +230,42 @@ async def test_streams_open_and_inflight_while_a_stream_runs(start: Start, http:
     assert after.value("llmproxy_tokens_total") == 0
 
 
+class History:
+    """Reads every flow's answer at flow_done, as a history plugin does."""
+
+    def __init__(self) -> None:
+        self.outputs: list[int] = []
+
+    @hookimpl
+    def flow_done(self, flow: Any) -> None:
+        if flow.response is not None:
+            self.outputs.append(flow.response.usage.output_tokens)
+
+
+async def test_stream_tokens_are_free_once_another_plugin_read_the_answer(fake_openai: FakeOpenAI, http: aiohttp.ClientSession) -> None:
+    # History is registered before metrics, so pluggy would call it after metrics' flow_done
+    # if metrics were not trylast: then the stream's tokens would not be counted.
+    history = History()
+    proxy = await start_proxy(
+        {"backends": {"good": backend(fake_openai)}, "default_backend": "good", "proxy": {"drain_timeout": 1}},
+        plugins=[("openai", llmproxy_openai), ("history", history), ("metrics", llmproxy_metrics)], entry_points=False,
+    )
+    try:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=BOUND)
+        stream = await client.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True, stream_options={"include_usage": True})  # type: ignore[arg-type]
+        async for _ in stream:
+            pass
+        for _ in range(100):  # flow_done runs just after the client has the end of the stream
+            if history.outputs:
+                break
+            await asyncio.sleep(0.01)
+        m = await scrape(http, proxy)
+    finally:
+        await proxy.stop()
+    assert history.outputs and history.outputs[0] > 0
+    assert m.value("llmproxy_tokens_total", type="output", client="anonymous", backend="good") == history.outputs[0]
+
+
 async def test_model_labels_are_capped(start: Start, http: aiohttp.ClientSession, fake_openai: FakeOpenAI, second_fake: FakeOpenAI) -> None:
     proxy = await start(config(fake_openai, second_fake, max_models=2))
     client = openai_client(proxy)
