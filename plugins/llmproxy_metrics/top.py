@@ -123,8 +123,11 @@ def flows_table(flows: list[dict[str, Any]]) -> Any:
         started = flow.get("started")
         when = time.strftime("%H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "-"
         stream = " ⇣" if flow.get("stream") else ""
+        latency = _ms(flow.get("latency_ms"))
+        if flow.get("active") and flow.get("latency_ms") is None and isinstance(started, (int, float)):
+            latency = _ms(max(0.0, time.time() - started) * 1000) + "…"  # still running: time so far
         table.add_row(when, flow.get("client") or "-", _route(flow) + stream, _status(flow), _tokens(flow),
-                      _ms(flow.get("latency_ms")), _ms(flow.get("ttft_ms")))
+                      latency, _ms(flow.get("ttft_ms")))
     if not flows:
         table.add_row("-", "no flows yet", "", "", "", "", "")
     return table

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sys
 import time
@@ -108,6 +109,7 @@ async def test_once_prints_flows_and_backends(admin: tuple[str, AdminAPI]) -> No
 
     active = row("laptop")
     assert "coding → anthropic:claude-sonnet-4-5" in active and "active" in active and "412ms" in active
+    assert re.search(r"\b\d+(\.\d)?(ms|s)… ", active), active  # time so far, for a flow still running
     done = row("ci-runner")
     assert "duo → good:gpt-4o-mini (2 tries)" in done
     assert " 200 " in done and "1234/56" in done and "20.5s" in done
