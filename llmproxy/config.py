@@ -20,7 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SECRET_KEYS = frozenset(("api_keys", "key"))
+# Fields that hold secret references: never interpolated at load (so never a value in the
+# parsed config), resolved at use. Plugins' secret settings use these names too.
+_SECRET_KEYS = frozenset(("api_keys", "key", "token", "admin_key"))
 
 
 class ConfigError(Exception):

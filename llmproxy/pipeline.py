@@ -138,7 +138,10 @@ async def handle(
         plugin = getattr(error, "llmproxy_plugin", None)
         log.exception("flow %s failed%s", flow.id, f" in plugin {plugin}" if plugin else "")
         where = f"plugin {plugin!r} failed" if plugin else "internal error"
-        await _fail(flow, ctx, writer, ProxyError(500, f"{where} ({type(error).__name__}); see the proxy log, flow {flow.id}"))
+        problem = ProxyError(500, f"{where} ({type(error).__name__}); see the proxy log, flow {flow.id}")
+        if plugin:
+            problem.llmproxy_plugin = plugin  # type: ignore[attr-defined]  # for flow_done: metrics, history
+        await _fail(flow, ctx, writer, problem)
     await _done(flow, ctx)
     return writer.response
 
