@@ -2,9 +2,10 @@
 
 Nothing is counted per request for these: each scrape reads the status the core keeps
 anyway and renders what it holds — requests in flight per target, each key's rest (a
-cooldown after a 429), and, where the status has them, the circuit breakers of its targets
-(``targets: {"backend:model": {"breaker": "closed" | "open" | "half_open", …}}``). A status
-without ``targets`` simply yields no breaker samples.
+cooldown after a 429), the circuit breakers of its targets (``breakers: {"backend:model":
+{"state": "closed" | "open" | "half_open", …}}``, one per target that has been tried) and the
+backend's rate windows (``limits: {"rpm": {"used", "limit"}, "tpm": …}``). Missing parts
+yield no samples.
 """
 
 from __future__ import annotations
@@ -37,14 +38,19 @@ class BackendStatusCollector(Collector):
             "llmproxy_backend_breaker_state", "1 for the state a target's circuit breaker is in (closed, open, half_open), 0 for the others.",
             labels=["backend", "target", "state"],
         )
+        rate_used = GaugeMetricFamily("llmproxy_backend_rate_used", "Requests (rpm) or tokens (tpm) counted in a backend's rate window.", labels=["backend", "window"])
+        rate_limit = GaugeMetricFamily("llmproxy_backend_rate_limit", "A backend's rpm or tpm limit.", labels=["backend", "window"])
         for backend, entry in self.status().items():
             for target, count in (entry.get("inflight") or {}).items():
                 inflight.add_metric([backend, target], float(count))
             for key in entry.get("keys") or ():
                 if isinstance(key, dict) and key.get("name") is not None:
                     resting.add_metric([backend, str(key["name"])], float(key.get("resting_for") or 0.0))
-            for target, state in (entry.get("targets") or {}).items():
-                current = state.get("breaker") if isinstance(state, dict) else None
+            for window, numbers in (entry.get("limits") or {}).items():
+                rate_used.add_metric([backend, window], float(numbers["used"]))
+                rate_limit.add_metric([backend, window], float(numbers["limit"]))
+            for target, state in (entry.get("breakers") or {}).items():
+                current = state.get("state") if isinstance(state, dict) else None
                 if current is None:
                     continue
                 for name in BREAKER_STATES:
@@ -52,3 +58,5 @@ class BackendStatusCollector(Collector):
         yield inflight
         yield resting
         yield breaker
+        yield rate_used
+        yield rate_limit

@@ -377,7 +377,8 @@ def test_breaker_states_are_rendered_when_the_status_has_them() -> None:
         "up": {
             "keys": [{"name": "up#0", "resting_for": 0.0}, {"name": "up#1", "resting_for": 12.5}],
             "inflight": {"up:gpt-5": 2},
-            "targets": {"up:gpt-5": {"breaker": "open", "failures": 5}, "up:gpt-4o": {"breaker": "half_open"}},
+            "breakers": {"up:gpt-5": {"state": "open", "failures": 5}, "up:gpt-4o": {"state": "half_open"}},
+            "limits": {"rpm": {"used": 3, "limit": 60}},
         }
     }
     families = _families(BackendStatusCollector(lambda: status))
@@ -388,9 +389,31 @@ def test_breaker_states_are_rendered_when_the_status_has_them() -> None:
     }
     assert {s.labels["key"]: s.value for s in families["llmproxy_backend_key_resting_seconds"]} == {"up#0": 0.0, "up#1": 12.5}
     assert [(s.labels["target"], s.value) for s in families["llmproxy_backend_inflight"]] == [("up:gpt-5", 2.0)]
+    assert [(s.labels["window"], s.value) for s in families["llmproxy_backend_rate_used"]] == [("rpm", 3.0)]
+    assert [(s.labels["window"], s.value) for s in families["llmproxy_backend_rate_limit"]] == [("rpm", 60.0)]
 
 
-def test_a_status_without_targets_or_keys_yields_no_breakers() -> None:
+def test_a_status_without_breakers_or_keys_yields_no_samples() -> None:
     families = _families(BackendStatusCollector(lambda: {"offline": {"type": "offline", "inflight": {}}}))
     assert families["llmproxy_backend_breaker_state"] == []
     assert families["llmproxy_backend_key_resting_seconds"] == []
+
+
+async def test_breaker_and_rate_windows_of_real_traffic_are_scraped(
+    start: Start, http: aiohttp.ClientSession, fake_openai: FakeOpenAI, second_fake: FakeOpenAI
+) -> None:
+    good, bad = fake_openai, second_fake
+    settings = config(good, bad)
+    settings["backends"]["bad"]["breaker"] = {"failures": 1, "cooldown_5xx": 60}
+    settings["backends"]["good"]["rpm"] = 100
+    bad.script(status=503, message="down")
+    proxy = await start(settings)
+    client = openai_client(proxy)
+    for _ in range(2):
+        await client.chat.completions.create(model="duo", messages=HI)  # type: ignore[arg-type]
+    assert len(bad.requests) == 1  # the second request skipped bad: its breaker is open
+    m = await scrape(http, proxy)
+    assert m.value("llmproxy_backend_breaker_state", backend="bad", target="bad:gpt-4o-mini", state="open") == 1
+    assert m.value("llmproxy_backend_breaker_state", backend="good", target="good:gpt-4o-mini", state="closed") == 1
+    assert m.value("llmproxy_backend_rate_used", backend="good", window="rpm") == 2
+    assert m.value("llmproxy_backend_rate_limit", backend="good", window="rpm") == 100
