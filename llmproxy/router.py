@@ -153,6 +153,23 @@ class Router:
             return alias.targets
         return alias.orders[self._pick(alias)]
 
+    def preview(self, name: str) -> Sequence[Target]:
+        """The targets :meth:`route` would return for the next request, without advancing
+        any strategy's state (``random``: the configured order)."""
+        alias = self.alias_for(name)
+        if alias is None:
+            return self._direct(name)
+        strategy = alias.strategy
+        if strategy in ("order", "random") or len(alias.targets) == 1:
+            return alias.targets
+        if strategy == "round_robin":
+            return alias.orders[alias.turn % len(alias.targets)]
+        if strategy == "weighted":
+            total = alias.cumulative[-1]
+            current = [c + w for c, w in zip(alias.current, alias.weights)]
+            return alias.orders[max(range(len(current)), key=lambda i: (current[i], -i))] if total else alias.targets
+        return alias.orders[self._pick(alias)]  # least_busy reads state, changes none
+
     def _direct(self, name: str) -> tuple[Target]:
         cached = self._direct_cache.get(name)
         if cached is not None:
