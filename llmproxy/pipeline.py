@@ -219,27 +219,38 @@ async def dispatch(flow: Flow, ctx: ProxyContext, processors: list[Any] | None) 
     return await failover(flow, ctx, attempt)
 
 
-async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Awaitable[Any]]) -> Any:
+async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Awaitable[Any]], scheduled: bool = True) -> Any:
     """``attempt(target)`` for each of the flow's targets in order until one succeeds; the
-    next target is tried only for errors another backend may not have (``RETRYABLE``)."""
+    next target is tried only for errors another backend may not have (``RETRYABLE``).
+    ``scheduled``: the attempt takes one of the backend's slots (``max_concurrency``);
+    False for light calls (token counts) that must not queue behind generations."""
     router = ctx.router
     targets = router.route(flow.model)  # the alias's strategy picks the first
     last = len(targets) - 1
     for i, target in enumerate(targets):
         flow.target = target
         router.begin(target)  # in flight until the answer is read (a stream: until closed)
+        release = None  # a backend slot (max_concurrency), held as long as the in-flight count
         try:
+            if scheduled and target.provider.scheduler is not None:  # model-affinity queue (scheduling.py)
+                release = await target.provider.scheduler.acquire(target.model)
             result = await attempt(target)
         except BaseException as error:
             router.end(target)
+            if release is not None:
+                release()
             if not isinstance(error, ProxyError) or error.status not in RETRYABLE or i == last:
                 raise
             log.warning("flow %s: %s failed (%s %s); trying the next target", flow.id, target.label, error.status, error.message)
             continue
         if isinstance(result, UpstreamStream) and result.whole is None:
             result.also_on_close(lambda target=target: router.end(target))
+            if release is not None:
+                result.also_on_close(release)
         else:
             router.end(target)
+            if release is not None:
+                release()
         return result
     raise AssertionError("unreachable")
 
