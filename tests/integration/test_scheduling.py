@@ -243,3 +243,21 @@ async def test_scheduler_state_in_backend_status(held: HeldOpenAI, start: Start,
     assert status == {"max_concurrency": 1, "active": 1, "loaded": "model-a", "queued": {"model-b": 2}}
     await held.serve_all(3)
     await asyncio.gather(first, *queued)
+
+
+async def test_a_slot_granted_as_its_waiter_leaves_is_handed_on() -> None:
+    # The race no socket test can time: the slot is granted, and the waiter is cancelled
+    # before it resumes. The slot must go to the next waiter, not be lost.
+    sched = ModelScheduler("local", 1)
+    release_first = await sched.acquire("model-a")
+    leaving = asyncio.ensure_future(sched.acquire("model-b"))
+    staying = asyncio.ensure_future(sched.acquire("model-c"))
+    await until(lambda: sched.queued == 2, "both to queue")
+    release_first()  # grants model-b's waiter ...
+    leaving.cancel()  # ... which leaves before it runs
+    await asyncio.gather(leaving, return_exceptions=True)
+    release_staying = await asyncio.wait_for(staying, BOUND)
+    assert sched.loaded == "model-c" and sched.active == 1 and sched.queued == 0
+    release_staying()
+    release_staying()  # a second call changes nothing
+    assert sched.active == 0
