@@ -35,8 +35,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """200 when the config is loaded and at least one backend is reachable (an HTTP backend:
-    its host accepts a TCP connection; offline and replay always), else 503. The body names
-    each backend's state either way."""
+    its host accepts a TCP connection; offline and replay always) and not marked unhealthy by
+    model-list polling (discovery), else 503. The body names each backend's state either way."""
     ctx = request.app[CONTEXT]
     names = list(ctx.providers)
     results = await asyncio.gather(*(ctx.providers[name].probe() for name in names))
@@ -46,14 +46,20 @@ async def readyz(request: web.Request) -> web.Response:
     except ProxyError:
         detailed = False
     backends = {}
+    ready = False
     for name, (ok, detail) in zip(names, results):
-        backends[name] = {"state": "reachable" if ok else "unreachable", **({"detail": detail} if detailed else {})}
-    ready = any(ok for ok, _ in results)
+        state = "reachable" if ok else "unreachable"
+        poller = ctx.providers[name].discovery
+        if ok and ctx.providers[name].healthy is False and poller is not None:
+            state, detail = "unhealthy", f"{poller.failures} model-list polls failed in a row (last: {poller.last_error})"
+        ready = ready or state == "reachable"
+        backends[name] = {"state": state, **({"detail": detail} if detailed else {})}
     body: dict[str, Any] = {"status": "ready" if ready else "not ready", "config": "loaded", "backends": backends}
     if not names:
         body["reason"] = "no backends are configured"
     elif not ready:
-        body["reason"] = "no backend is reachable"
+        reachable = any(ok for ok, _ in results)
+        body["reason"] = "no reachable backend is healthy" if reachable else "no backend is reachable"
     return web.Response(body=dumps(body), status=200 if ready else 503, content_type="application/json")
 
 

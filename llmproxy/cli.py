@@ -1,4 +1,5 @@
-"""The ``llmproxy`` command: serve, validate config, list plugins."""
+"""The ``llmproxy`` command: serve, validate config, list plugins, check a set-up (``doctor``)
+and the backends (``providers check``)."""
 
 from __future__ import annotations
 
@@ -185,3 +186,85 @@ def plugins_cmd(ctx: click.Context, as_json: bool) -> None:
     click.echo("\nchains (run order):")
     for hook, order in info["chains"].items():
         click.echo(f"  {hook:<17} {' → '.join(order) or '-'}")
+
+
+def _load_or_exit(path: str | None, code: int) -> tuple[Config, PluginHost]:
+    try:
+        return _load(path)
+    except ConfigError as error:
+        for problem in error.problems:
+            click.echo(f"✗ config: {error.source}: {problem}")
+    except PluginLoadError as error:
+        click.echo(f"✗ plugins: {error}")
+    click.echo("  fix: correct the problems above, then run this again")
+    sys.exit(code)
+
+
+@main.command("doctor")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help="File to check (default: --config of llmproxy).")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds each backend's model list may take.")
+@click.pass_context
+def doctor(ctx: click.Context, config_path: str | None, timeout: float) -> None:
+    """Check a set-up: the config, the bind, each backend's keys (never printed), reachability
+    and authentication, and the offline tokenizer. One line per check, ✓ or ✗ with a fix;
+    exit 1 when any check fails."""
+    from .checks import doctor_checks
+
+    config, host = _load_or_exit(config_path or ctx.obj["config_path"], 1)
+    checks = asyncio.run(doctor_checks(config, host, timeout))
+    for check in checks:
+        click.echo(check.line())
+    failed = sum(1 for check in checks if check.ok is False)
+    click.echo(f"\n{failed} of {len(checks)} checks failed" if failed else f"\nall {len(checks)} checks passed")
+    sys.exit(1 if failed else 0)
+
+
+@main.group("providers")
+def providers_group() -> None:
+    """Inspect the configured backends."""
+
+
+@providers_group.command("check")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help="Config file (default: --config of llmproxy).")
+@click.option("--backend", "-b", "names", multiple=True, help="Check only this backend (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds each backend's model list may take.")
+@click.pass_context
+def providers_check(ctx: click.Context, config_path: str | None, names: tuple[str, ...], as_json: bool, timeout: float) -> None:
+    """Per backend: reachable (TCP connect time), keys accepted, models listed (count and a few
+    names) and the list's latency. Exit 1 when a backend fails, 2 for a bad config or name."""
+    from .checks import check_backends
+
+    config, host = _load_or_exit(config_path or ctx.obj["config_path"], 2)
+    unknown = [name for name in names if name not in config.backends]
+    if unknown:
+        _fail(ValueError(f"no backend named {', '.join(map(repr, unknown))} (backends: {', '.join(config.backends) or 'none'})"))
+    reports = asyncio.run(check_backends(config, host, list(names) or None, timeout))
+    if as_json:
+        click.echo(json.dumps([report.as_json() for report in reports], indent=2))
+    else:
+        for report in reports:
+            click.echo(_report_line(report))
+    sys.exit(0 if all(report.ok for report in reports) else 1)
+
+
+def _report_line(report: Any) -> str:
+    where = f" {report.base_url}" if report.base_url else ""
+    head = f"{'✓' if report.ok else '✗'} {report.name} ({report.type}){where}: "
+    if report.base_url is None:
+        return head + f"{report.reach_detail}, {len(report.models)} models"
+    if not report.reachable:
+        return head + f"unreachable: {report.reach_detail} — fix: {report.fix}"
+    parts = [f"reachable ({report.connect_ms:g} ms)"]
+    parts.extend(f"key {key.name}: {key.reference} is not set" for key in report.keys if not key.present)
+    if report.listed:
+        shown = ", ".join(report.models[:5]) + (", …" if len(report.models) > 5 else "")
+        auth = "auth ok" if report.keys and all(key.accepted for key in report.keys if key.present) else None
+        parts.extend(p for p in (auth, f"{len(report.models)} models ({shown or 'none'})", f"listed in {report.list_ms:g} ms") if p)
+    for key in report.keys:
+        if key.present and not key.accepted:
+            parts.append(key.detail or "")
+    if not report.keys and not report.listed:
+        parts.append(report.list_detail or "")
+    line = head + ", ".join(parts)
+    return f"{line} — fix: {report.fix}" if report.fix else line

@@ -189,6 +189,12 @@ class CapabilityOverrides(_Strict):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class DiscoverySettings(_Strict):
+    interval: float = Field(60.0, gt=0, description="Seconds between two polls of the backend's model list.")
+    unhealthy_after: int = Field(3, ge=1, description="Failed polls in a row after which the backend is marked unhealthy.")
+    timeout: float = Field(10.0, gt=0, description="Seconds one poll may take before it counts as failed.")
+
+
 class BackendConfig(_Strict):
     """Settings every backend accepts; a provider's ``Settings`` subclass adds its own."""
 
@@ -218,6 +224,17 @@ class BackendConfig(_Strict):
     )
     stream_fallback: bool = Field(
         True, description="When a stream breaks before its first bytes reached the client, ask the same target once more without streaming and re-stream the answer."
+    )
+    max_concurrency: int | None = Field(
+        None, gt=0, description="Requests served at once; more wait in per-model queues (model-affinity scheduling). None: no limit, no queue."
+    )
+    model_switch_after: int = Field(
+        8, ge=1, description="With max_concurrency: queued requests for the loaded model served in a row before another model's waiter gets the slot."
+    )
+    max_queue: int = Field(100, ge=0, description="With max_concurrency: requests waiting at most; beyond, 503 (the alias's next target is tried).")
+    queue_timeout: float = Field(300.0, gt=0, description="With max_concurrency: seconds a request waits for a slot before a 503.")
+    discovery: DiscoverySettings | None = Field(
+        None, description="Poll the backend's model list (health and discovered models); off when absent, `{}` for the defaults."
     )
 
     @field_validator("api_keys", mode="before")
@@ -252,7 +269,7 @@ class AliasTarget(_Strict):
 
 
 class ModelAlias(_Strict):
-    strategy: Literal["order", "round_robin", "weighted", "random", "least_busy"] = Field(
+    strategy: Literal["order", "round_robin", "weighted", "random", "least_busy", "affinity"] = Field(
         "order", description="How the first target is chosen; the others follow in order as fallbacks."
     )
     targets: list[AliasTarget] = Field(min_length=1)

@@ -110,7 +110,7 @@ async def count_tokens(request: web.Request, codec: Codec, shape: Any, inject: d
             await call_chain(ctx.chains.request, stop=lambda: flow.has_response, skip=flow.disabled_plugins, flow=flow)
         total = None
         try:
-            total = await failover(flow, ctx, lambda target: target.provider.count_tokens(flow, target))
+            total = await failover(flow, ctx, lambda target: target.provider.count_tokens(flow, target), scheduled=False)
         except ProxyError as error:
             if error.status in (400, 401, 403) or flow.target is None:  # the client's mistake, or no such model
                 raise

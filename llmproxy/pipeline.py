@@ -243,7 +243,7 @@ def _restream(reply: UpstreamReply) -> UpstreamStream:
     return UpstreamStream(reply.protocol, whole=reply.body or b"")
 
 
-async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Awaitable[Any]]) -> Any:
+async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Awaitable[Any]], scheduled: bool = True) -> Any:
     """``attempt(target)`` for the flow's targets in order until one succeeds.
 
     Per target: skipped when the config declares it cannot serve the request, when it is
@@ -252,6 +252,8 @@ async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Await
     try may not have (``RETRYABLE``), within ``timeout.attempt`` per try and
     ``proxy.total_timeout`` overall. The next target gets its turn after those. When every
     target was skipped, the client gets a 429 or 503 saying why, with a Retry-After.
+    ``scheduled``: the attempt takes one of the backend's slots (``max_concurrency``);
+    False for light calls (token counts) that must not queue behind generations.
     """
     targets = ctx.router.route(flow.model)  # the alias's strategy picks the first
     proxy = ctx.config.proxy
@@ -259,7 +261,7 @@ async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Await
     waited_until = None
     while True:
         skipped: list[tuple[Any, str, float]] = []  # (target, why, seconds until it may serve)
-        served = await _try_targets(flow, ctx, attempt, targets, deadline, skipped)
+        served = await _try_targets(flow, ctx, attempt, targets, deadline, skipped, scheduled)
         if served is not _ALL_SKIPPED:
             return served
         error = _nothing_served(flow, skipped)
@@ -282,7 +284,10 @@ async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Await
             health.waiting -= 1
 
 
-async def _try_targets(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Awaitable[Any]], targets: Any, deadline: float | None, skipped: list[tuple[Any, str, float]]) -> Any:
+async def _try_targets(
+    flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Awaitable[Any]], targets: Any, deadline: float | None,
+    skipped: list[tuple[Any, str, float]], scheduled: bool,
+) -> Any:
     """One pass over ``targets``: the answer, or ``_ALL_SKIPPED`` when every target was
     skipped (each with its reason in ``skipped``); the last error when targets were tried
     and failed."""
@@ -314,6 +319,16 @@ async def _try_targets(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], A
                 breaker.abandoned()
                 skipped.append((target, f"over its rate limit, frees up in {wait:.1f}s", wait))
                 break
+            release = None  # a backend slot (max_concurrency), held as long as the in-flight count
+            if scheduled and provider.scheduler is not None:  # model-affinity queue (scheduling.py)
+                try:
+                    release = await provider.scheduler.acquire(target.model)
+                except BaseException as error:
+                    breaker.abandoned()  # a full queue says nothing of the backend's health
+                    if not isinstance(error, ProxyError) or error.status not in RETRYABLE:
+                        raise
+                    last_error = error
+                    break
             flow.target = target
             router.begin(target)  # in flight until the answer is read (a stream: until closed)
             try:
@@ -325,6 +340,8 @@ async def _try_targets(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], A
                         result = await attempt(target)
             except BaseException as error:
                 router.end(target)
+                if release is not None:
+                    release()
                 if isinstance(error, TimeoutError) and not isinstance(error, ProxyError):
                     error = ProxyError(504, f"backend {target.backend!r} did not begin answering within {limit:g}s", kind="timeout_error")
                 if not isinstance(error, ProxyError):
@@ -349,8 +366,12 @@ async def _try_targets(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], A
             breaker.success()
             if isinstance(result, UpstreamStream) and result.whole is None:
                 result.also_on_close(lambda target=target: router.end(target))
+                if release is not None:
+                    result.also_on_close(release)
             else:
                 router.end(target)
+                if release is not None:
+                    release()
             return result
         if deadline is not None and time.monotonic() >= deadline:
             break

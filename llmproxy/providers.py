@@ -28,6 +28,10 @@ from .errors import ProxyError
 from .flow import Attempt, Flow, UpstreamRequest
 from .manager import call_chain
 from .redact import mask_literals
+from .scheduling import ModelScheduler
+
+if TYPE_CHECKING:
+    from .discovery import BackendPoller
 
 if TYPE_CHECKING:
     from .context import ProxyContext
@@ -124,32 +128,49 @@ class Provider:
     # Non-chat endpoints this backend serves as they are (path under base_url).
     endpoints: ClassVar[frozenset[str]] = frozenset()
 
-    # False once the backend's model-list polls fail (see discovery); None: not polled.
-    healthy: bool | None = None
-
     def __init__(self, name: str, settings: BackendConfig, context: "ProxyContext") -> None:
         self.name = name
         self.settings = settings
         self.context = context
+        # Model-affinity queue (scheduling.py); None without max_concurrency, which is
+        # all the pipeline tests for.
+        self.scheduler: ModelScheduler | None = None
+        if settings.max_concurrency is not None:
+            self.scheduler = ModelScheduler(name, settings.max_concurrency, settings.model_switch_after, settings.max_queue, settings.queue_timeout)
+        # From model-list polling (discovery.py): None until a poll has decided (or when
+        # discovery is off), True after a successful poll, False after unhealthy_after
+        # failed polls in a row. A plain attribute: routing may read it per request.
+        self.healthy: bool | None = None
+        self.discovered_models: list[str] | None = None  # the last successful poll's list
+        self.discovery: BackendPoller | None = None
 
     @property
     def models(self) -> list[str]:
-        """Models this backend serves; empty means it passes any name through."""
-        return list(self.settings.models or self.default_models)
+        """Models this backend serves: the configured list, else the discovered one, else the
+        type's defaults; empty means it passes any name through."""
+        return list(self.settings.models or self.discovered_models or self.default_models)
 
     def accepts_model(self, model: str) -> bool:
+        # Only a configured list restricts: a polled list may lag (a model pulled a moment
+        # ago) and must not make routing flip with each poll; the backend's own 404 answers.
         return not self.settings.models or model in self.settings.models
 
     def status(self) -> dict[str, Any]:
         """What this backend is and how it fares, JSON-ready (for ``/readyz``-like views, the
         admin API, metrics): never a key value."""
         caps = self.capabilities
-        return {
+        status: dict[str, Any] = {
             "type": self.settings.type,
             "protocol": self.protocol,
             "models": self.models,
             "capabilities": {name: getattr(caps, name) for name in caps.__dataclass_fields__},
+            "healthy": self.healthy,
         }
+        if self.discovery is not None:
+            status["discovery"] = self.discovery.status()
+        if self.scheduler is not None:
+            status["scheduler"] = self.scheduler.status()
+        return status
 
     async def start(self) -> None:
         """Open connection pools; called once before the server accepts connections."""
@@ -220,8 +241,15 @@ class HTTPProvider(Provider):
         connector = aiohttp.TCPConnector(limit=self.settings.max_connections, ttl_dns_cache=300)
         # auto_decompress stays on; we never forward the backend's content-encoding header.
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, json_serialize=lambda o: dumps(o).decode())
+        if self.settings.discovery is not None:
+            from .discovery import BackendPoller
+
+            self.discovery = BackendPoller(self, self.settings.discovery)
+            self.discovery.start()  # in the background: start-up never waits for a backend
 
     async def close(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self._probing is not None:
             self._probing.cancel()
         if self.session is not None:
@@ -269,6 +297,56 @@ class HTTPProvider(Provider):
         except OSError:
             pass
         return True, where
+
+    # -- the model list (discovery, `llmproxy doctor`, `providers check`) -------------------
+    def models_url(self) -> str:
+        """Where the backend lists its models (OpenAI-compatible: ``base_url/models``)."""
+        return self.base_url + "/models"
+
+    def models_headers(self, key: str | None) -> dict[str, str]:
+        """The headers of a model-list request carrying ``key``."""
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        headers.update(self.settings.headers)
+        return headers
+
+    def model_names(self, data: Any) -> list[str]:
+        """Model names from a list answer: OpenAI's and Anthropic's ``data[].id``, Gemini's
+        ``models[].name`` (without ``models/``). ValueError when it is neither."""
+        if isinstance(data, dict):
+            if isinstance(data.get("data"), list):
+                return [str(m["id"]) for m in data["data"] if isinstance(m, dict) and "id" in m]
+            if isinstance(data.get("models"), list):
+                return [str(m["name"]).removeprefix("models/") for m in data["models"] if isinstance(m, dict) and "name" in m]
+        raise ValueError("not a model list")
+
+    async def list_models(self, key_index: int | None = None) -> list[str]:
+        """GET the backend's model list with key ``key_index`` (default: the first key that
+        resolves) and return the names. Failures are ProxyErrors: the backend's status and
+        message (401/403: the key was rejected), 502 unreachable or unreadable, 504 timeout."""
+        assert self.session is not None, "provider not started"
+        keys = self.settings.api_keys
+        if key_index is not None:
+            key = keys[key_index].get()
+        else:
+            key = next((value for value in (ref.get() for ref in keys) if value), None)
+        if keys and not key:
+            missing = keys if key_index is None else [keys[key_index]]
+            raise ProxyError(500, f"backend {self.name!r} has no usable API key: set {', '.join(k.describe() for k in missing)}", kind="configuration_error")
+        url = self.models_url()
+        try:
+            async with self.session.get(url, headers=self.models_headers(key)) as response:
+                payload = await response.read()
+                status = response.status
+        except asyncio.TimeoutError:
+            raise ProxyError(504, f"backend {self.name!r} did not list its models in time", kind="timeout_error") from None
+        except aiohttp.ClientError as error:
+            raise ProxyError(502, f"backend {self.name!r} is unreachable: {type(error).__name__}", kind="upstream_unreachable") from None
+        if status >= 400:
+            raise self.upstream_error(status, payload)
+        try:
+            return self.model_names(loads(payload))
+        except ValueError:
+            raise ProxyError(502, f"backend {self.name!r} answered {url} with something that is not a model list") from None
 
     # -- what subclasses adapt -------------------------------------------------------------
     def api_key(self) -> tuple[str | None, str | None]:

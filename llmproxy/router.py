@@ -6,8 +6,10 @@ name that matches, in file order), as ``backend:model``, or as a bare name sent 
 
 An alias's ``strategy`` chooses the FIRST target of each request (``order``: always the
 first listed; ``round_robin``; ``weighted``: smooth weighted round robin over ``weight``;
-``random``: in proportion to ``weight``; ``least_busy``: fewest requests in flight); the
-other targets follow in their listed order as fallbacks. Every ordering an alias can produce
+``random``: in proportion to ``weight``; ``least_busy``: fewest requests in flight;
+``affinity``: for backends with ``max_concurrency``, a free slot with the target's model
+loaded, else a free slot, else the shortest queue — see scheduling.py); the other targets
+follow in their listed order as fallbacks. Every ordering an alias can produce
 is built once, at start-up, so routing a request allocates nothing.
 """
 
@@ -217,6 +219,8 @@ class Router:
                     if busy == 0:
                         break
             return best
+        if strategy == "affinity":
+            return _affinity_pick(alias.targets, self.inflight)
         return 0
 
     # -- in-flight bookkeeping ---------------------------------------------------------------
@@ -258,3 +262,24 @@ class Router:
         if default in self.providers:
             names.extend(self.providers[default].models)
         return names
+
+
+def _affinity_pick(targets: Sequence[Target], inflight: dict[str, int]) -> int:
+    """Model-affinity spreading over backends with a scheduler (``max_concurrency``): the
+    first target whose backend has a free slot and the target's model loaded, else the one
+    with a free slot and the fewest requests in flight, else the one with the shortest
+    queue. A backend without a scheduler always has a free slot (it has no limit)."""
+    best, best_rank = 0, None
+    for i, target in enumerate(targets):
+        scheduler = target.provider.scheduler
+        if scheduler is None:
+            rank = (1, inflight.get(target.label, 0))
+        elif scheduler.free:
+            if scheduler.loaded == target.model:
+                return i
+            rank = (1, scheduler.active)
+        else:
+            rank = (2, scheduler.queued)
+        if best_rank is None or rank < best_rank:
+            best, best_rank = i, rank
+    return best

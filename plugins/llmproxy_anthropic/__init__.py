@@ -55,6 +55,17 @@ class AnthropicProvider(HTTPProvider):
         headers.update(settings.headers)
         return headers
 
+    def models_url(self) -> str:
+        return self.base_url + "/v1/models?limit=1000"
+
+    def models_headers(self, key: str | None) -> dict[str, str]:
+        settings: Any = self.settings
+        headers = {"anthropic-version": settings.version}
+        if key:
+            headers["x-api-key"] = key
+        headers.update(settings.headers)
+        return headers
+
     async def count_tokens(self, flow: Flow, target: Any) -> int | None:
         body = get_codec(self.protocol).encode_request(flow.request, target.model)
         for field in ("max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences", "metadata", "service_tier"):

@@ -30,6 +30,12 @@ class GeminiProvider(HTTPProvider):
         headers.update(self.settings.headers)
         return headers
 
+    def models_url(self) -> str:
+        return self.base_url + "/models?pageSize=1000"
+
+    def models_headers(self, key: str | None) -> dict[str, str]:
+        return self.headers(key, None)  # type: ignore[arg-type] # these headers never read the flow
+
     def url(self, target: Any, stream: bool) -> str:
         model = target.model if target.model.startswith(("models/", "tunedModels/")) else f"models/{target.model}"
         method = "streamGenerateContent?alt=sse" if stream else "generateContent"

@@ -62,6 +62,9 @@ class OpenAIProvider(HTTPProvider):
             headers["OpenAI-Project"] = settings.project
         return headers
 
+    def models_headers(self, key: str | None) -> dict[str, str]:
+        return self.headers(key, None)  # type: ignore[arg-type] # these headers never read the flow
+
 
 class OpenAIResponsesProvider(OpenAIProvider):
     protocol = "openai_responses"
@@ -92,6 +95,10 @@ class AzureOpenAIProvider(OpenAIProvider):
         settings: Any = self.settings
         deployment = settings.deployments.get(target.model, target.model)
         return f"{self.base_url}/openai/deployments/{deployment}/chat/completions?api-version={settings.api_version}"
+
+    def models_url(self) -> str:
+        settings: Any = self.settings
+        return f"{self.base_url}/openai/models?api-version={settings.api_version}"
 
 
 def preset(name: str, base_url: str, capabilities: Capabilities = Capabilities(), env_key: str | None = None) -> type[OpenAIProvider]:
