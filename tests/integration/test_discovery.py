@@ -109,6 +109,27 @@ async def test_failed_polls_mark_the_backend_unhealthy_until_one_succeeds(start:
         assert proxy.context.backend_status()["local"]["discovery"]["failures"] == 0
 
 
+async def test_an_unhealthy_target_is_skipped_until_it_recovers(start: Start, http: aiohttp.ClientSession) -> None:
+    async with ListingOpenAI() as sick, ListingOpenAI() as spare:
+        proxy = await start({
+            "backends": {"sick": backend("openai", sick, discovery=FAST), "spare": backend("openai", spare)},
+            "models": {"m": {"targets": ["sick:gpt-4o-mini", "spare:gpt-4o-mini"]}},
+        })
+        provider = proxy.context.providers["sick"]
+        await until(lambda: provider.healthy is True, "the first poll")
+        sick.list_status = 503
+        await until(lambda: provider.healthy is False, "two failed polls")
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        async with http.post(proxy.url + "/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+        assert not sick.requests and len(spare.requests) == 1  # sick was never asked
+        sick.list_status = None
+        await until(lambda: provider.healthy is True, "a successful poll")
+        async with http.post(proxy.url + "/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+        assert len(sick.requests) == 1
+
+
 async def test_one_failed_poll_is_not_yet_unhealthy(start: Start) -> None:
     async with ListingOpenAI() as fake:
         fake.list_status = 500
