@@ -268,3 +268,61 @@ def _report_line(report: Any) -> str:
         parts.append(report.list_detail or "")
     line = head + ", ".join(parts)
     return f"{line} — fix: {report.fix}" if report.fix else line
+
+
+@main.group("route")
+def route_group() -> None:
+    """Ask how requests are routed."""
+
+
+@route_group.command("explain")
+@click.option("--file", "-f", "request_file", type=click.File("r"), required=True, help="A request body, as a client would send it (JSON; - for stdin).")
+@click.option("--protocol", type=click.Choice(["auto", "openai_chat", "openai_responses", "anthropic", "gemini"]), default="auto", show_default=True,
+              help="The body's wire protocol (auto: guessed from its fields).")
+@click.option("--model", help="The model, when the body has none (Gemini puts it in the URL).")
+@click.option("--url", help="Ask a running llmproxy (its live breakers, rate windows and key rests) through its admin API instead of reading the config.")
+@click.option("--admin-key", envvar="LLMPROXY_ADMIN_KEY", help="The admin key for --url (or LLMPROXY_ADMIN_KEY).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def route_explain(ctx: click.Context, request_file: Any, protocol: str, model: str | None, url: str | None, admin_key: str | None, as_json: bool) -> None:
+    """The targets a request would be tried on, in order, each eligible or skipped and why:
+    capability, health, circuit breaker, rate limit, keys. Changes nothing. Without --url the
+    state is a fresh start's (every breaker closed, every window empty)."""
+    from .explain import explain, render
+
+    try:
+        body = json.load(request_file)
+    except ValueError as error:
+        _fail(ValueError(f"{request_file.name}: not JSON: {error}"))
+        return
+    if not isinstance(body, dict):
+        _fail(ValueError(f"{request_file.name}: a request body is a JSON object"))
+        return
+    chosen = None if protocol == "auto" else protocol
+    if url:
+        report = _remote_explain(url, admin_key, body, chosen, model)
+    else:
+        config, host = _load_or_exit(ctx.obj["config_path"], 2)
+        from .context import ProxyContext
+
+        report = explain(ProxyContext(config, host), body, chosen, model)
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    sys.exit(0 if report.get("first") else 1)
+
+
+def _remote_explain(url: str, admin_key: str | None, body: dict[str, Any], protocol: str | None, model: str | None) -> dict[str, Any]:
+    import urllib.error
+    import urllib.request
+
+    payload = json.dumps({"request": body, "protocol": protocol, "model": model}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {admin_key or ''}"}
+    request = urllib.request.Request(url.rstrip("/") + "/admin/api/route/explain", data=payload, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - the user's own proxy
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode(errors="replace")[:300]
+        _fail(ValueError(f"{url}: the admin API answered {error.code}: {detail}"))
+    except (urllib.error.URLError, OSError) as error:
+        _fail(ValueError(f"{url}: cannot reach llmproxy: {getattr(error, 'reason', error)}"))
+    raise AssertionError("unreachable")
