@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SECRET_KEYS = frozenset(("api_keys", "key"))
+_SECRET_KEYS = frozenset(("api_keys", "key", "admin_key"))  # kept as references, never interpolated
 
 
 class ConfigError(Exception):
