@@ -25,7 +25,7 @@ function el(tag, attrs, ...children) {
 const $ = (id) => document.getElementById(id);
 const dash = (v) => (v === null || v === undefined || v === "" ? "–" : v);
 const ms = (v) => (v === null || v === undefined ? "–" : v >= 1000 ? (v / 1000).toFixed(2) + " s" : Math.round(v) + " ms");
-const clock = (t) => new Date(t * 1000).toLocaleTimeString();
+const clock = (t) => new Date(t * 1000).toLocaleTimeString([], { hour12: false });
 const json = (v) => (typeof v === "string" ? v : JSON.stringify(v, null, 2));
 
 async function call(path, options) {
@@ -171,8 +171,8 @@ function setLive(on) {
 
 // -- one flow's detail ---------------------------------------------------------------------------
 
-function section(title, ...content) {
-  return el("details", { open: "" }, el("summary", {}, title), ...content);
+function section(title, open, ...content) {
+  return el("details", open ? { open: "" } : {}, el("summary", {}, title), ...content);
 }
 
 function pre(value) {
@@ -256,11 +256,11 @@ async function openFlow(id, quiet) {
       ["model asked", s.model], ["served by", s.backend ? `${s.backend}:${s.upstream_model}` : null], ["attempts", s.attempts],
       ["tokens in / out", `${dash(s.tokens_in)} / ${dash(s.tokens_out)}`], ["latency", ms(s.latency_ms)], ["time to first token", ms(s.ttft_ms)]]
       .filter(([, v]) => v !== null && v !== undefined && v !== "").flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
-  const body = [section("Summary", facts), section("Plugin changes", changesView(detail.plugin_changes))];
-  if (detail.changes && detail.changes.plugins && detail.changes.plugins.length) body.push(section("Plugin notes", pre(detail.changes.plugins)));
-  if (detail.request) body.push(section("Client request", pre(detail.request)));
-  if (detail.attempts) body.push(section(`Upstream attempts (${detail.attempts.length})`, ...detail.attempts.map(attemptView)));
-  if (detail.response) body.push(section("Response to the client", responseView(detail.response)));
+  const body = [section("Summary", true, facts), section("Plugin changes", true, changesView(detail.plugin_changes))];
+  if (detail.changes && detail.changes.plugins && detail.changes.plugins.length) body.push(section("Plugin notes", false, pre(detail.changes.plugins)));
+  if (detail.request) body.push(section("Client request", false, pre(detail.request)));
+  if (detail.attempts) body.push(section(`Upstream attempts (${detail.attempts.length})`, true, ...detail.attempts.map(attemptView)));
+  if (detail.response) body.push(section("Response to the client", true, responseView(detail.response)));
   if (!detail.request && s.active) body.push(el("p", { class: "muted" }, "The flow is still running: its detail appears when it ends."));
   $("detail-body").replaceChildren(...body);
 }
@@ -280,7 +280,13 @@ async function loadSessions() {
   body.replaceChildren(...data.sessions.map((s) => {
     const select = backendSelect(s.settings.backend || "");
     const model = el("input", { value: s.settings.model || "", placeholder: "as asked", "data-testid": "session-model" });
-    const apply = el("button", { "data-testid": "session-apply", onclick: () => changeSession(s.id, { backend: select.value, model: model.value }) }, "Apply");
+    const apply = el("button", { "data-testid": "session-apply", onclick: () => {
+      // only what the user changed: each field runs its in-chat command
+      const change = {};
+      if (select.value !== (s.settings.backend || "")) change.backend = select.value;
+      if (model.value !== (s.settings.model || "")) change.model = model.value;
+      if (Object.keys(change).length) changeSession(s.id, change);
+    } }, "Apply");
     const clear = el("button", { onclick: () => clearSession(s.id) }, "Clear");
     const settings = Object.entries(s.settings).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", ") + (s.oneoff ? ` oneoff=${s.oneoff}` : "");
     return el("tr", { "data-session": s.id, "data-testid": "session-row" },
