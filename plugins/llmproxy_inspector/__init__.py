@@ -7,8 +7,11 @@ at each start and printed once in the log beside the UI's URL — never written 
 docs/inspector.md and docs/admin-api.md.
 
 Per flow, on the event loop: a summary when it starts and when it ends (a few dictionary
-operations) and a snapshot of references queued for the history thread, which builds and
-masks the detail record and writes SQLite. Streams keep their fast path: with
+operations); the history thread reads the answer's token counts and writes the summary to
+SQLite. The detail record (bodies, attempts, events, diffs — masked) costs about as much as
+proxying the request, so it is built only when the UI asks for it (from the newest
+``details`` flows kept in memory), or for every flow when the history is kept on disk
+(``history_path``). Streams keep their fast path: with
 ``capture_bodies`` the bytes written to the client are kept by the core's wire recording
 (``flow.record_wire()``), one list append per write; nothing else runs per event. The
 per-plugin diffs come from the core's change tracing (``flow.trace_changes()``), turned on
@@ -100,7 +103,7 @@ async def startup(context: "ProxyContext") -> None:
         Guard(key, proxy.host, settings.allowed_hosts, settings.allow_remote, settings.login_ttl),
         Audit(audit_path),
         hub,
-        LiveFlows(settings.recent, hub),
+        LiveFlows(settings.recent, hub, settings.details),
         history,
     )
     where = f"http://{'127.0.0.1' if proxy.host in ('0.0.0.0', '::') else proxy.host}:{proxy.port}/ui/"
@@ -140,20 +143,26 @@ def flow_done(flow: "Flow") -> None:
     inspector: Inspector | None = context.state.get(NAME) if context is not None else None
     if inspector is None:
         return
-    summary = inspector.live.finished(flow)
-    pending = detail.Pending(flow, summary, inspector.settings.capture_bodies)
-    loop = asyncio.get_running_loop()
     live = inspector.live
+    summary = live.finished(flow)
+    pending = detail.Pending(flow, summary, inspector.settings.capture_bodies)
+    live.keep(flow.id, pending)
+    persist = inspector.settings.history_path is not None
+    loop = asyncio.get_running_loop()
 
-    def learned(full: dict[str, Any]) -> None:  # in the history thread
-        if full.get("tokens_in") != summary.get("tokens_in") or full.get("tokens_out") != summary.get("tokens_out"):
+    def build() -> tuple[dict[str, Any], dict[str, Any] | None]:  # in the history thread
+        full = detail.with_tokens(pending)
+        if full.get("tokens_in") != summary.get("tokens_in"):
             update = {"tokens_in": full.get("tokens_in"), "tokens_out": full.get("tokens_out")}
             try:
                 loop.call_soon_threadsafe(live.update, full["id"], update)
             except RuntimeError:  # the loop has closed: nobody is watching any more
                 pass
+        # the detail record costs about as much as the request: built now only for a history
+        # on disk; otherwise when the UI asks (from the flows kept in memory)
+        return full, detail.build(pending) if persist else None
 
-    inspector.history.add(lambda: detail.build(pending), learned)
+    inspector.history.add(build)
 
 
 @hookimpl

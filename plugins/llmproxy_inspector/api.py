@@ -21,6 +21,7 @@ from llmproxy.commands import CommandCall
 from llmproxy.flow import Flow
 from llmproxy.sessions import Session
 
+from .detail import build as build_detail
 from .security import COOKIE, Refused
 
 if TYPE_CHECKING:
@@ -196,13 +197,17 @@ async def flows(request: web.Request, inspector: "Inspector", auth: str) -> web.
 async def flow_detail(request: web.Request, inspector: "Inspector", auth: str) -> web.StreamResponse:
     flow_id = request.match_info["id"]
     live = inspector.live.find(flow_id)
-    record = await inspector.history.record(flow_id)
+    pending = inspector.live.details.get(flow_id)
+    if pending is not None:  # built now, in the history thread: nobody paid for it before
+        record = await inspector.history.call(build_detail, pending)
+    else:
+        record = await inspector.history.record(flow_id)
     if record is None and live is None:
         raise BadRequest(f"no flow {flow_id!r} (it may have left the history)", 404)
-    detail = record or {}
-    detail["summary"] = live if live is not None else detail.get("summary")
-    detail.setdefault("plugin_changes", [])
-    return reply(detail)
+    found = record or {}
+    found["summary"] = live if live is not None else found.get("summary")
+    found.setdefault("plugin_changes", [])
+    return reply(found)
 
 
 async def history(request: web.Request, inspector: "Inspector", auth: str) -> web.StreamResponse:

@@ -30,20 +30,29 @@ class Pending:
     include_bodies: bool
 
 
-def build(pending: Pending) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the summary with tokens filled in, the detail record). Runs in the history thread,
-    after every other ``flow_done`` implementation (the inspector's is ``trylast``): nothing
-    else reads the flow any more, so an answer nobody decoded is decoded here, off the loop."""
-    flow, summary = pending.flow, dict(pending.summary)
-    response = flow.response
-    if response is not None and summary.get("tokens_in") is None:
-        summary["tokens_in"] = response.usage.input_tokens
-        summary["tokens_out"] = response.usage.output_tokens
+def with_tokens(pending: Pending) -> dict[str, Any]:
+    """The summary with the answer's token counts. Runs in the history thread, after every
+    other ``flow_done`` implementation (the inspector's is ``trylast``): nothing else reads
+    the flow any more, so an answer nobody decoded is decoded here, off the loop."""
+    summary = dict(pending.summary)
+    if summary.get("tokens_in") is None:
+        response = pending.flow.response
+        if response is not None:
+            summary["tokens_in"] = response.usage.input_tokens
+            summary["tokens_out"] = response.usage.output_tokens
+    return summary
+
+
+def build(pending: Pending) -> dict[str, Any]:
+    """The detail record (masked). Costs about as much as the request itself (mostly the
+    masking), so it is built in the history thread, and only when someone asks for it or the
+    history is kept on disk."""
+    flow = pending.flow
     capture = Snapshot.of(flow, pending.include_bodies, flow.context.redactor)
-    capture.wall_start = summary["started"]
+    capture.wall_start = pending.summary["started"]
     record = orjson.loads(build_line(capture))
     record["plugin_changes"] = _mask(plugin_changes(capture, list(flow.changes or ())), capture.redactor)
-    return summary, record
+    return record
 
 
 def plugin_changes(capture: Snapshot, changes: list[tuple[str, str, dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:

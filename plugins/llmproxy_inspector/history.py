@@ -96,7 +96,7 @@ class History:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmproxy-history")
         self._db: sqlite3.Connection | None = None
         self._last_retention = 0.0
-        self._pending: set[Future[Any]] = set()
+        self._pending: set[Future[Any]] = set()  # queued writes (kept so none is collected early)
 
     async def open(self) -> None:
         self._db = await self._run(connect, self.path)
@@ -104,15 +104,14 @@ class History:
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def add(self, build: Callable[[], tuple[dict[str, Any], dict[str, Any] | None]], done: Callable[[dict[str, Any]], None] | None = None) -> None:
-        """Queue ``build()`` (returns the summary and the detail record; it runs in the
-        thread, so it may be slow) and its insert; ``done(summary)`` runs in the thread
-        afterwards."""
-        future = self._executor.submit(self._insert, build, done)
+    def add(self, build: Callable[[], tuple[dict[str, Any], dict[str, Any] | None]]) -> None:
+        """Queue ``build()`` — it returns the summary and the detail record (or None), and
+        runs in the thread, so it may take time — and the insert of what it returns."""
+        future = self._executor.submit(self._insert, build)
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
 
-    def _insert(self, build: Callable[[], tuple[dict[str, Any], dict[str, Any] | None]], done: Callable[[dict[str, Any]], None] | None) -> None:
+    def _insert(self, build: Callable[[], tuple[dict[str, Any], dict[str, Any] | None]]) -> None:
         db = self._db
         assert db is not None
         summary, record = build()
@@ -127,8 +126,6 @@ class History:
         if now - self._last_retention >= RETENTION_EVERY:
             self._last_retention = now
             self.retain()
-        if done is not None:
-            done(summary)
 
     def retain(self) -> int:
         """Apply max_age and max_bytes (in the thread); returns the rows removed."""
@@ -152,6 +149,10 @@ class History:
                     removed += db.execute("DELETE FROM flows WHERE started <= ?", (cut,)).rowcount
         db.commit()
         return removed
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the history thread (after the writes queued before it)."""
+        return await self._run(fn, *args)
 
     async def query(self, filters: dict[str, Any], limit: int = 100, before: float | None = None, since: float | None = None, text: str | None = None) -> list[dict[str, Any]]:
         return await self._run(lambda: query(self._db, filters, limit, before, since, text))  # type: ignore[arg-type]

@@ -112,11 +112,19 @@ def _end(queue: asyncio.Queue[bytes | None]) -> None:
 class LiveFlows:
     """Flows in flight (by id) and the newest finished summaries, newest last."""
 
-    def __init__(self, recent: int, hub: Hub) -> None:
+    def __init__(self, recent: int, hub: Hub, details: int = 0) -> None:
         self.limit = recent
         self.hub = hub
         self.active: dict[str, "Flow"] = {}
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # the newest finished flows themselves, for details built when asked for
+        self.details_limit = details
+        self.details: OrderedDict[str, Any] = OrderedDict()
+
+    def keep(self, flow_id: str, pending: Any) -> None:
+        self.details[flow_id] = pending
+        while len(self.details) > self.details_limit:
+            self.details.popitem(last=False)
 
     def started(self, flow: "Flow") -> None:
         self.active[flow.id] = flow

@@ -43,6 +43,13 @@ class InspectorSettings(BaseModel):
         "(kept in the history, masked like wire captures). Off: summaries, headers and timings only.",
     )
     recent: int = Field(500, ge=10, le=100_000, description="Flows the live list keeps in memory (newest first).")
+    details: int = Field(
+        100,
+        ge=0,
+        le=10_000,
+        description="Finished flows kept whole in memory (newest first) so their detail can be built when the UI "
+        "asks. Older flows' details come from the history, which stores them only when history_path is set.",
+    )
     history_path: str | None = Field(
         None,
         description="SQLite file for the flow history (its folder is created). Unset: the history lives in memory "

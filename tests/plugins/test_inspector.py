@@ -431,3 +431,25 @@ def test_a_plugin_left_unconfigured_is_on_with_defaults() -> None:
     assert settings.admin_key is None and settings.trace == "watched" and settings.allow_remote is False
     with pytest.raises(ValueError, match="references"):
         InspectorSettings(admin_key="literal-key-in-file")
+
+
+async def test_details_come_from_memory_or_from_the_history_on_disk(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    # details: 0 keeps no flow in memory: the detail is the record the history stored
+    proxy = await start(config(tmp_path, details=0))
+    await ask(proxy, "!/model(beta:m2) on disk")
+    await settle(proxy)
+    row = (await get(http, proxy, "/admin/api/flows"))[1]["flows"][0]
+    detail = (await get(http, proxy, f"/admin/api/flows/{row['id']}"))[1]
+    assert [c["plugin"] for c in detail["plugin_changes"]] == ["commands"] and detail["request"]["body"]["messages"]
+    # no history file: nothing is built for a flow until it is asked for, and once it has
+    # left memory only its summary remains
+    cfg = config(tmp_path / "mem", details=1)
+    del cfg["plugins"]["inspector"]["history_path"]
+    proxy = await start(cfg)
+    await ask(proxy, "first")
+    await ask(proxy, "second")
+    await settle(proxy)
+    newest, oldest = (await get(http, proxy, "/admin/api/flows"))[1]["flows"]
+    assert (await get(http, proxy, f"/admin/api/flows/{newest['id']}"))[1]["request"]["body"]["messages"][0]["content"] == "second"
+    old = (await get(http, proxy, f"/admin/api/flows/{oldest['id']}"))[1]
+    assert old["summary"]["id"] == oldest["id"] and "request" not in old
