@@ -4,12 +4,23 @@ Hooks read and change it: rewrite ``flow.request``, answer by setting ``flow.res
 (the backend is then never called), block by raising :class:`~llmproxy.errors.ProxyError`,
 leave notes in ``flow.metadata``. ``flow.trace`` records what each plugin did, for
 captures and the inspector.
+
+Change tracing. A plugin that shows what other plugins did (the inspector) calls
+:meth:`Flow.trace_changes` early in the ``request`` chain (``tryfirst=True``). From then on
+the core snapshots the flow's state around each implementation of the ``request`` and
+``response`` chains and appends ``(hook, plugin, before, after)`` to ``flow.changes`` for each
+one that changed it. A snapshot is :meth:`Flow.snapshot`: ``{"model": …, "request": …}`` or
+``{"response": …}``, the canonical object serialised to JSON bytes (``None`` while it is
+still undecoded, that is, exactly as the client or backend sent it). Untraced flows
+(``flow.changes is None``, the default) cost one attribute test per chain call.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+
+import orjson
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
@@ -113,6 +124,7 @@ class Flow:
         "_session",
         "metadata",
         "trace",
+        "changes",
         "target",
         "attempts",
         "error",
@@ -149,6 +161,8 @@ class Flow:
         self._session: Session | None = None
         self.metadata: dict[str, Any] = {}
         self.trace: list[dict[str, Any]] = []
+        # (hook, plugin, before, after) per implementation that changed the flow, when traced
+        self.changes: list[tuple[str, str, dict[str, Any], dict[str, Any]]] | None = None
         self.target: Target | None = None
         self.attempts: list[Attempt] = []
         self.error: ProxyError | None = None
@@ -243,6 +257,20 @@ class Flow:
         """True when :meth:`record_wire` was called for this flow."""
         return self.sent is not None
 
+    def trace_changes(self) -> None:
+        """Have the core record what each ``request`` and ``response`` implementation
+        changes, in ``flow.changes`` (see the module docstring). Call it from ``request``
+        with ``tryfirst=True`` so the implementations after yours are traced."""
+        if self.changes is None:
+            self.changes = []
+
+    def snapshot(self, hook: str) -> dict[str, Any]:
+        """The part of the flow ``hook``'s implementations change, as immutable JSON bytes
+        (None while undecoded: decoding it here would change how the flow is forwarded)."""
+        if hook == "response":
+            return {"response": _json(self._response)}
+        return {"model": self.model, "request": _json(self._request)}
+
     def note(self, plugin: str, what: str, **details: Any) -> None:
         """Record that ``plugin`` did ``what`` to this flow (shown in captures and the UI)."""
         self.trace.append({"plugin": plugin, "what": what, "at": time.monotonic() - self.started, **details})
@@ -253,3 +281,9 @@ class Flow:
 
     def __repr__(self) -> str:
         return f"<Flow {self.id} {self.frontend} model={self.model!r} stream={self.stream}>"
+
+
+def _json(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    return orjson.dumps(value, default=repr, option=orjson.OPT_NON_STR_KEYS)

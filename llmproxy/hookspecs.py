@@ -33,6 +33,13 @@ reading the backend. An event passed on belongs to llmproxy: do not change it af
 read). A stream with no processors is forwarded without decoding when the
 backend speaks the client's protocol, so a plugin that has nothing to do for a stream should
 return ``None`` from ``stream_start`` and costs nothing per event.
+
+Tracing. A plugin that shows what the others did (the inspector) calls
+``flow.trace_changes()`` from a ``tryfirst`` ``request`` implementation; the core then records
+in ``flow.changes`` a ``(hook, plugin, before, after)`` entry for each later ``request`` or
+``response`` implementation that changed the flow (snapshots from ``Flow.snapshot``: the
+model and canonical request, or the canonical response, as JSON bytes). Untraced flows pay
+nothing for it.
 """
 
 from __future__ import annotations

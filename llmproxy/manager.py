@@ -52,6 +52,7 @@ class Impl:
     plugin: str
     function: Callable[..., Any]
     argnames: tuple[str, ...]
+    hook: str = ""
 
 
 def _entry_points() -> Iterable[metadata.EntryPoint]:
@@ -220,7 +221,7 @@ class HookChains:
         self.by_hook: dict[str, list[Impl]] = {}
         for name in FLOW_HOOKS + ("configure", "startup", "shutdown"):
             caller = getattr(pm.hook, name)
-            impls = [Impl(i.plugin_name, i.function, tuple(i.argnames)) for i in reversed(caller.get_hookimpls())]
+            impls = [Impl(i.plugin_name, i.function, tuple(i.argnames), name) for i in reversed(caller.get_hookimpls())]
             self.by_hook[name] = impls
         self.request = self.by_hook["request"]
         self.upstream_request = self.by_hook["upstream_request"]
@@ -241,8 +242,14 @@ async def call_chain(impls: list[Impl], stop: Callable[[], bool] | None = None, 
     leave out the plugins named in ``skip`` (switched off for the flow's session).
 
     Exceptions propagate with the plugin's name attached as ``error.llmproxy_plugin``.
+    A flow whose changes are traced (``flow.changes``, see llmproxy/flow.py) is handed to
+    :func:`_call_traced` from the implementation where tracing began.
     """
-    for impl in impls:
+    flow = kwargs.get("flow")
+    for index, impl in enumerate(impls):
+        if flow is not None and flow.changes is not None:
+            await _call_traced(impls[index:], stop, skip, flow, kwargs)
+            return
         if impl.plugin in skip:
             continue
         try:
@@ -260,6 +267,37 @@ async def call_chain(impls: list[Impl], stop: Callable[[], bool] | None = None, 
                 except AttributeError:
                     pass
             raise
+        if stop is not None and stop():
+            return
+
+
+_TRACED_HOOKS = frozenset(("request", "response"))
+
+
+async def _call_traced(impls: list[Impl], stop: Callable[[], bool] | None, skip: frozenset[str], flow: Any, kwargs: dict[str, Any]) -> None:
+    """:func:`call_chain` for a traced flow: snapshot the flow around each ``request`` and
+    ``response`` implementation and record those that changed it in ``flow.changes``."""
+    for impl in impls:
+        if impl.plugin in skip:
+            continue
+        traced = impl.hook in _TRACED_HOOKS
+        before = flow.snapshot(impl.hook) if traced else None
+        try:
+            result = impl.function(*[kwargs[a] for a in impl.argnames])
+            if result is not None and inspect.isawaitable(result):
+                await result
+        except BaseException as error:
+            if not hasattr(error, "llmproxy_plugin"):
+                try:
+                    error.llmproxy_plugin = impl.plugin  # type: ignore[attr-defined]
+                except AttributeError:
+                    pass
+            raise
+        finally:
+            if traced:
+                after = flow.snapshot(impl.hook)
+                if after != before:
+                    flow.changes.append((impl.hook, impl.plugin, before, after))
         if stop is not None and stop():
             return
 

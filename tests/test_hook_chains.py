@@ -534,6 +534,63 @@ async def test_async_request_hooks_are_awaited_in_order_each_seeing_the_last_cha
     assert reply.text == "You said: x+a+b+sync+c"
 
 
+async def test_traced_flows_record_what_each_request_and_response_implementation_changed(proxy: StartProxy, session: aiohttp.ClientSession) -> None:
+    done: list[Flow] = []
+
+    class Tracer:
+        @hookimpl(tryfirst=True)
+        def request(self, flow: Flow) -> None:
+            flow.trace_changes()
+
+        @hookimpl
+        def flow_done(self, flow: Flow) -> None:
+            done.append(flow)
+
+    class Reader:  # reads the request (decodes it) without changing anything
+        @hookimpl
+        def request(self, flow: Flow) -> None:
+            user_text(flow)
+
+    class Reroute:  # changes only flow.model, never decoding the request
+        @hookimpl
+        def request(self, flow: Flow) -> None:
+            flow.model = "offline:other"
+
+    running = await proxy(WORDS, ("footer", Footer()), ("reroute", Reroute()), ("sync", _SyncSuffix()), ("reader", Reader()), ("tracer", Tracer()))
+    reply = await chat(session, running, "x", stream=False)
+    assert reply.text == "alpha beta gamma [reviewed]"
+    changes = done[0].changes
+    assert changes is not None
+    by_plugin = {plugin: (hook, before, after) for hook, plugin, before, after in changes}
+    assert set(by_plugin) == {"reader", "sync", "reroute", "footer"}  # the reader decoded it: None → JSON
+    hook, before, after = by_plugin["sync"]
+    assert hook == "request" and b'"x"' in before["request"] and b'"x+sync"' in after["request"]
+    hook, before, after = by_plugin["reroute"]
+    assert (before["model"], after["model"]) == ("offline-echo", "offline:other")
+    hook, before, after = by_plugin["footer"]
+    assert hook == "response" and b"[reviewed]" not in before["response"] and b"[reviewed]" in after["response"]
+    # untraced flows record nothing
+    plain = await proxy(WORDS, ("sync", _SyncSuffix()), ("done", _Done(done)))
+    done.clear()
+    await chat(session, plain, "y", stream=False)
+    assert done[0].changes is None
+
+
+class _Done:
+    def __init__(self, done: list[Flow]) -> None:
+        self.done = done
+
+    @hookimpl
+    def flow_done(self, flow: Flow) -> None:
+        self.done.append(flow)
+
+
+class _SyncSuffix:
+    @hookimpl
+    def request(self, flow: Flow) -> None:
+        set_user_text(flow, user_text(flow) + "+sync")
+
+
 # -- response --------------------------------------------------------------------------------
 
 

@@ -1,0 +1,172 @@
+"""The inspector: a web UI at ``/ui/``, the admin API it uses at ``/admin/api/``, and a
+SQLite history of every flow (``llmproxy history`` reads it in the terminal).
+
+On by default, answering loopback callers only, behind an admin key: ``plugins.inspector.
+admin_key`` (a reference such as ``${LLMPROXY_ADMIN_KEY}``), or else a random key generated
+at each start and printed once in the log beside the UI's URL — never written to disk. See
+docs/inspector.md and docs/admin-api.md.
+
+Per flow, on the event loop: a summary when it starts and when it ends (a few dictionary
+operations); the history thread reads the answer's token counts and writes the summary to
+SQLite. The detail record (bodies, attempts, events, diffs — masked) costs about as much as
+proxying the request, so it is built only when the UI asks for it (from the newest
+``details`` flows kept in memory), or for every flow when the history is kept on disk
+(``history_path``). Streams keep their fast path: with
+``capture_bodies`` the bytes written to the client are kept by the core's wire recording
+(``flow.record_wire()``), one list append per write; nothing else runs per event. The
+per-plugin diffs come from the core's change tracing (``flow.trace_changes()``), turned on
+per ``trace``: by default only while a browser has the UI open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from pydantic import BaseModel
+
+from llmproxy import hookimpl
+
+from . import api, detail
+from .history import History
+from .live import Hub, LiveFlows
+from .security import Audit, Guard
+from .settings import InspectorSettings
+
+if TYPE_CHECKING:
+    from llmproxy.context import ProxyContext
+    from llmproxy.flow import Flow
+
+NAME = "inspector"
+log = logging.getLogger("llmproxy.inspector")
+
+__all__ = ["InspectorSettings", "NAME"]
+
+
+@dataclass
+class Inspector:
+    """What the inspector keeps per running proxy (``context.state["inspector"]``)."""
+
+    context: "ProxyContext"
+    settings: InspectorSettings
+    guard: Guard
+    audit: Audit
+    hub: Hub
+    live: LiveFlows
+    history: History
+
+    def traces(self) -> bool:
+        mode = self.settings.trace
+        return mode == "always" or (mode == "watched" and self.hub.watched)
+
+
+@hookimpl
+def plugin_settings() -> type[BaseModel]:
+    return InspectorSettings
+
+
+@hookimpl
+def register_routes(register: Callable[..., None], context: "ProxyContext") -> None:
+    api.routes(register, context)
+
+
+@hookimpl
+async def startup(context: "ProxyContext") -> None:
+    settings: InspectorSettings = context.settings(NAME) or InspectorSettings()
+    if settings.admin_key is not None:
+        key = settings.admin_key.get()
+        if not key:
+            raise ValueError(f"admin_key: {settings.admin_key.describe()} is not set")
+        generated = False
+    else:
+        key = secrets.token_urlsafe(24)
+        generated = True
+    context.add_secrets(NAME, [key])  # never in a capture or a history record
+    audit_path = settings.audit_log
+    if audit_path is None and settings.history_path:
+        audit_path = str(Path(os.path.expanduser(settings.history_path)).parent / "audit.jsonl")
+    history = History(settings.history_path, settings.history_max_age, settings.history_max_bytes)
+    try:
+        await history.open()
+    except Exception as error:
+        raise ValueError(f"cannot open the history {settings.history_path}: {error}") from None
+    hub = Hub()
+    proxy = context.config.proxy
+    context.state[NAME] = Inspector(
+        context,
+        settings,
+        Guard(key, proxy.host, settings.allowed_hosts, settings.allow_remote, settings.login_ttl),
+        Audit(audit_path),
+        hub,
+        LiveFlows(settings.recent, hub, settings.details),
+        history,
+    )
+    where = f"http://{'127.0.0.1' if proxy.host in ('0.0.0.0', '::') else proxy.host}:{proxy.port}/ui/"
+    if generated:
+        # Printed once, for the person starting the proxy; it lives only in this process.
+        log.warning("inspector: %s — admin key for this run: %s (set plugins.inspector.admin_key to choose one)", where, key)
+    else:
+        log.info("inspector: %s (admin key: %s)", where, settings.admin_key.describe())  # type: ignore[union-attr]
+
+
+@hookimpl
+async def shutdown(context: "ProxyContext") -> None:
+    inspector: Inspector | None = context.state.pop(NAME, None)
+    if inspector is not None:
+        inspector.hub.close()
+        await inspector.history.close()
+
+
+@hookimpl(tryfirst=True)
+def request(flow: "Flow") -> None:
+    # tryfirst: the flow shows as in flight, and tracing covers every plugin after this one.
+    inspector: Inspector | None = flow.context.state.get(NAME) if flow.context is not None else None
+    if inspector is None:
+        return
+    if inspector.settings.capture_bodies:
+        flow.record_wire()
+    if inspector.traces():
+        flow.trace_changes()
+    inspector.live.started(flow)
+
+
+@hookimpl(trylast=True)
+def flow_done(flow: "Flow") -> None:
+    # trylast: once this has run, nothing reads the flow any more, so the history thread may
+    # decode its answer (see detail.build) without racing another plugin.
+    context = flow.context
+    inspector: Inspector | None = context.state.get(NAME) if context is not None else None
+    if inspector is None:
+        return
+    live = inspector.live
+    summary = live.finished(flow)
+    pending = detail.Pending(flow, summary, inspector.settings.capture_bodies)
+    live.keep(flow.id, pending)
+    persist = inspector.settings.history_path is not None
+    loop = asyncio.get_running_loop()
+
+    def build() -> tuple[dict[str, Any], dict[str, Any] | None]:  # in the history thread
+        full = detail.with_tokens(pending)
+        if full.get("tokens_in") != summary.get("tokens_in"):
+            update = {"tokens_in": full.get("tokens_in"), "tokens_out": full.get("tokens_out")}
+            try:
+                loop.call_soon_threadsafe(live.update, full["id"], update)
+            except RuntimeError:  # the loop has closed: nobody is watching any more
+                pass
+        # the detail record costs about as much as the request: built now only for a history
+        # on disk; otherwise when the UI asks (from the flows kept in memory)
+        return full, detail.build(pending) if persist else None
+
+    inspector.history.add(build)
+
+
+@hookimpl
+def register_cli_commands(cli: Any) -> None:
+    from .cli import history
+
+    cli.add_command(history)

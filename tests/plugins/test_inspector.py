@@ -1,0 +1,455 @@
+"""The ``inspector`` plugin over real sockets: llmproxy as a real server, real clients (aiohttp
+and the ``openai`` SDK), and backends that answer distinguishably — two ``offline`` backends
+(``alpha``, ``beta``) whose scripted replies name them, and a fake OpenAI upstream (a real
+HTTP server) where the wire matters.
+
+Covered: the admin API's guard (key, cookie login, Host header, the custom header on changes,
+no CORS), the flow list in the shape other tools rely on, a flow's detail with the per-plugin
+diff of an in-chat command, the live SSE stream, sessions changed through the API routing the
+next request, the SQLite history (query API, retention, ``llmproxy history``), try-it, reload,
+and the audit log (which never holds a key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import llmproxy_commands
+import llmproxy_inspector
+import llmproxy_offline
+import llmproxy_openai
+import openai
+import pytest
+from click.testing import CliRunner
+
+from fakes.openai_upstream import FakeOpenAI
+from llmproxy.cli import main
+from llmproxy.testing import RunningProxy, start_proxy
+from llmproxy_inspector.history import History
+
+BOUND = 10.0
+ADMIN_KEY = "adm-inspector-test-5b1d9c"
+UPSTREAM_KEY = "sk-upstream-inspector-77aa1e"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+CHANGE = {**ADMIN, "X-LLMProxy-Admin": "1"}
+CONTRACT = {"id", "started", "client", "session", "frontend", "model", "backend", "upstream_model", "attempts", "status", "error",
+            "stream", "tokens_in", "tokens_out", "latency_ms", "ttft_ms", "active"}
+
+Start = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture(autouse=True)
+def keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMPROXY_ADMIN_KEY", ADMIN_KEY)
+    monkeypatch.setenv("INSPECTOR_UPSTREAM_KEY", UPSTREAM_KEY)
+
+
+def config(tmp_path: Path, fake: FakeOpenAI | None = None, **inspector: Any) -> dict[str, Any]:
+    backends: dict[str, Any] = {
+        "alpha": {"type": "offline", "mode": "scripted", "replies": ["answer from alpha"]},
+        "beta": {"type": "offline", "mode": "scripted", "replies": ["answer from beta"]},
+    }
+    if fake is not None:
+        backends["up"] = {"type": "openai", "base_url": fake.base_url, "api_keys": ["${INSPECTOR_UPSTREAM_KEY}"]}
+    settings = {"admin_key": "${LLMPROXY_ADMIN_KEY}", "trace": "always", "history_path": str(tmp_path / "history.sqlite3"), **inspector}
+    return {"proxy": {"drain_timeout": 1}, "backends": backends, "default_backend": "alpha", "plugins": {"inspector": settings}}
+
+
+@pytest.fixture
+async def start() -> AsyncIterator[Start]:
+    started: list[RunningProxy] = []
+
+    async def start(cfg: dict[str, Any]) -> RunningProxy:
+        plugins = [("offline", llmproxy_offline), ("openai", llmproxy_openai), ("commands", llmproxy_commands), ("inspector", llmproxy_inspector)]
+        proxy = await start_proxy(cfg, plugins=plugins, entry_points=False)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        await proxy.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
+        yield session
+
+
+def sdk(proxy: RunningProxy, session: str = "demo") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", default_headers={"x-session-id": session}, max_retries=0, timeout=BOUND)
+
+
+async def ask(proxy: RunningProxy, text: str, session: str = "demo", model: str = "m1", stream: bool = False) -> str:
+    client = sdk(proxy, session)
+    if stream:
+        out = []
+        async for chunk in await client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                out.append(chunk.choices[0].delta.content)
+        return "".join(out)
+    answer = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}])
+    return answer.choices[0].message.content or ""
+
+
+async def get(http: aiohttp.ClientSession, proxy: RunningProxy, path: str, **kwargs: Any) -> tuple[int, Any]:
+    headers = kwargs.pop("headers", ADMIN)
+    async with http.get(proxy.url + path, headers=headers, **kwargs) as response:
+        return response.status, await response.json()
+
+
+async def post(http: aiohttp.ClientSession, proxy: RunningProxy, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with http.post(proxy.url + path, json=body or {}, headers=CHANGE if headers is None else headers) as response:
+        return response.status, await response.json()
+
+
+async def settle(proxy: RunningProxy) -> None:
+    """Wait for the history thread to write what was queued."""
+    await proxy.context.state["inspector"].history.flush()
+
+
+# -- the guard ----------------------------------------------------------------------------------
+
+
+async def test_admin_api_refuses_without_key_with_a_foreign_host_and_changes_without_the_header(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    proxy = await start(config(tmp_path))
+    status, body = await get(http, proxy, "/admin/api/flows", headers={})
+    assert status == 401 and "admin key" in body["error"]["message"]
+    status, _ = await get(http, proxy, "/admin/api/flows", headers={"Authorization": "Bearer not-the-key"})
+    assert status == 401
+    status, body = await get(http, proxy, "/admin/api/flows", headers={**ADMIN, "Host": "evil.example:8000"})
+    assert status == 403 and "Host" in body["error"]["message"]
+    # the UI page itself is refused to a rebinding page as well
+    async with http.get(proxy.url + "/ui/", headers={"Host": "evil.example"}) as response:
+        assert response.status == 403
+    sessions = proxy.context.sessions
+    sessions.get("x-session-id:demo")
+    status, body = await post(http, proxy, "/admin/api/sessions/x-session-id:demo", {"backend": "beta"}, headers=ADMIN)
+    assert status == 403 and "X-LLMProxy-Admin" in body["error"]["message"]
+    assert "backend" not in sessions.find("x-session-id:demo").settings  # type: ignore[union-attr]
+    status, body = await get(http, proxy, "/admin/api/flows")
+    assert status == 200 and body == {"flows": []}
+    async with http.get(proxy.url + "/admin/api/flows", headers={**ADMIN, "Origin": "http://evil.example"}) as response:
+        assert "Access-Control-Allow-Origin" not in response.headers
+    for host in ("localhost", f"localhost:{proxy.url.rsplit(':', 1)[1]}", "[::1]:9"):
+        status, _ = await get(http, proxy, "/admin/api/flows", headers={**ADMIN, "Host": host})
+        assert status == 200, host
+
+
+async def test_the_allowed_hosts_setting_adds_names(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    proxy = await start(config(tmp_path, allowed_hosts=["llm.lan"]))
+    assert (await get(http, proxy, "/admin/api/flows", headers={**ADMIN, "Host": "llm.lan:8000"}))[0] == 200
+    assert (await get(http, proxy, "/admin/api/flows", headers={**ADMIN, "Host": "other.lan"}))[0] == 403
+
+
+async def test_login_sets_an_httponly_strict_cookie_that_is_not_the_key(start: Start, tmp_path: Path) -> None:
+    proxy = await start(config(tmp_path))
+    # unsafe=True: aiohttp's jar otherwise refuses cookies from IP addresses such as 127.0.0.1
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND), cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+        async with browser.post(proxy.url + "/admin/api/login", json={"key": "wrong"}, headers={"X-LLMProxy-Admin": "1"}) as response:
+            assert response.status == 401
+        async with browser.post(proxy.url + "/admin/api/login", json={"key": ADMIN_KEY}) as response:
+            assert response.status == 403  # no custom header: a cross-site form cannot log in
+        async with browser.post(proxy.url + "/admin/api/login", json={"key": ADMIN_KEY}, headers={"X-LLMProxy-Admin": "1"}) as response:
+            assert response.status == 200
+            cookie = response.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and ADMIN_KEY not in cookie
+        async with browser.get(proxy.url + "/admin/api/sessions") as response:
+            assert response.status == 200
+        async with browser.post(proxy.url + "/admin/api/logout", headers={"X-LLMProxy-Admin": "1"}) as response:
+            assert response.status == 200
+        async with browser.get(proxy.url + "/admin/api/sessions") as response:
+            assert response.status == 401
+
+
+async def test_an_unset_admin_key_variable_stops_start_up(start: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LLMPROXY_ADMIN_KEY")
+    with pytest.raises(Exception, match="LLMPROXY_ADMIN_KEY is not set"):
+        await start(config(tmp_path))
+
+
+async def test_without_an_admin_key_one_is_generated_and_logged_once(start: Start, tmp_path: Path, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(tmp_path)
+    del cfg["plugins"]["inspector"]["admin_key"]
+    with caplog.at_level("INFO", logger="llmproxy.inspector"):
+        proxy = await start(cfg)
+    lines = [r.getMessage() for r in caplog.records if "admin key for this run" in r.getMessage()]
+    assert len(lines) == 1
+    key = lines[0].split("admin key for this run: ")[1].split(" ")[0]
+    assert len(key) >= 24
+    assert (await get(http, proxy, "/admin/api/flows", headers={"Authorization": f"Bearer {key}"}))[0] == 200
+    assert not list(tmp_path.glob("**/*key*"))
+
+
+# -- flows ----------------------------------------------------------------------------------------
+
+
+async def test_flows_list_has_the_contract_shape_newest_first(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    proxy = await start(config(tmp_path))
+    assert await ask(proxy, "first") == "answer from alpha"
+    assert await ask(proxy, "second", stream=True) == "answer from alpha"
+    await settle(proxy)
+    status, body = await get(http, proxy, "/admin/api/flows?limit=5")
+    assert status == 200
+    rows = body["flows"]
+    assert len(rows) == 2 and set(rows[0]) >= CONTRACT
+    newest, oldest = rows
+    assert newest["stream"] is True and oldest["stream"] is False
+    assert newest["started"] >= oldest["started"]
+    for row in rows:
+        assert row["frontend"] == "openai_chat" and row["model"] == "m1" and row["backend"] == "alpha"
+        assert row["session"] == "x-session-id:demo" and row["status"] == 200 and row["active"] is False
+        assert row["attempts"] == 1 and row["latency_ms"] > 0 and row["ttft_ms"] is not None
+        assert row["tokens_in"] and row["tokens_out"]
+    assert (await get(http, proxy, "/admin/api/flows?limit=1"))[1]["flows"][0]["id"] == newest["id"]
+    assert [r["id"] for r in (await get(http, proxy, "/admin/api/flows?q=nothing-like-this"))[1]["flows"]] == []
+    assert (await get(http, proxy, "/admin/api/flows?limit=zero"))[0] == 400
+
+
+async def test_flow_detail_shows_the_commands_plugin_diff_and_the_stream_events(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    proxy = await start(config(tmp_path))
+    assert await ask(proxy, "!/model(beta:m2) tell me", stream=True) == "answer from beta"
+    await settle(proxy)
+    row = (await get(http, proxy, "/admin/api/flows"))[1]["flows"][0]
+    assert row["backend"] == "beta" and row["upstream_model"] == "m2" and row["model"] == "m1"
+    status, detail = await get(http, proxy, f"/admin/api/flows/{row['id']}")
+    assert status == 200
+    changes = {c["plugin"]: c for c in detail["plugin_changes"]}
+    assert set(changes) == {"commands"}, detail["plugin_changes"]
+    paths = {c["path"]: c for c in changes["commands"]["changes"]}
+    assert paths["model"]["before"] == "m1" and paths["model"]["after"] == "beta:m2"
+    text = [c for p, c in paths.items() if p.startswith("request.messages") and p.endswith(".text")]
+    assert text and "!/model(beta:m2)" in text[0]["before"] and "!/model" not in text[0]["after"]
+    events = detail["response"]["events"]  # what the client was sent, event by event, timed
+    deltas = [e["data"]["choices"][0]["delta"].get("content") for e in events if isinstance(e["data"], dict) and e["data"]["choices"]]
+    assert "".join(d for d in deltas if d) == "answer from beta" and len(deltas) > 3
+    assert all(isinstance(e["t"], float) for e in events)
+    assert detail["request"]["body"]["messages"][0]["content"] == "!/model(beta:m2) tell me"
+    assert (await get(http, proxy, "/admin/api/flows/nope"))[0] == 404
+
+
+async def test_upstream_attempts_are_recorded_with_the_backend_key_masked(start: Start, http: aiohttp.ClientSession, tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    proxy = await start(config(tmp_path, fake_openai))
+    client = sdk(proxy)
+    await client.chat.completions.create(model="up:gpt-x", messages=[{"role": "user", "content": "hello"}])
+    await settle(proxy)
+    row = (await get(http, proxy, "/admin/api/flows"))[1]["flows"][0]
+    status, detail = await get(http, proxy, f"/admin/api/flows/{row['id']}")
+    assert status == 200 and len(detail["attempts"]) == 1
+    attempt = detail["attempts"][0]
+    assert attempt["backend"] == "up" and attempt["status"] == 200 and attempt["request"]["body"]["model"] == "gpt-x"
+    everything = json.dumps(detail) + (tmp_path / "history.sqlite3").read_bytes().decode(errors="replace")
+    assert UPSTREAM_KEY not in everything and ADMIN_KEY not in everything
+
+
+async def test_flows_are_not_traced_unless_watched_by_default(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    proxy = await start(config(tmp_path, trace="watched"))
+    await ask(proxy, "!/model(beta:m2) untraced")
+    await settle(proxy)
+    row = (await get(http, proxy, "/admin/api/flows"))[1]["flows"][0]
+    assert (await get(http, proxy, f"/admin/api/flows/{row['id']}"))[1]["plugin_changes"] == []
+    async with http.get(proxy.url + "/admin/api/events", headers=ADMIN) as events:
+        assert (await events.content.readline()).startswith(b"event: hello")
+        await ask(proxy, "!/model(beta:m3) traced")
+        await settle(proxy)
+    row = (await get(http, proxy, "/admin/api/flows"))[1]["flows"][0]
+    assert [c["plugin"] for c in (await get(http, proxy, f"/admin/api/flows/{row['id']}"))[1]["plugin_changes"]] == ["commands"]
+
+
+async def test_the_event_stream_sends_each_flow_as_it_starts_and_ends(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    proxy = await start(config(tmp_path))
+    async with http.get(proxy.url + "/admin/api/events", headers=ADMIN) as events:
+        assert events.headers["Content-Type"].startswith("text/event-stream")
+        assert (await events.content.readline()).startswith(b"event: hello")
+        asking = asyncio.ensure_future(ask(proxy, "live please"))
+        seen: list[dict[str, Any]] = []
+        async def read() -> None:
+            kind = None
+            async for line in events.content:
+                if line.startswith(b"event: "):
+                    kind = line[7:].strip()
+                elif line.startswith(b"data: ") and kind == b"flow":
+                    seen.append(json.loads(line[6:]))
+                    if not seen[-1]["active"]:
+                        return
+        await asyncio.wait_for(read(), BOUND)
+        await asyncio.wait_for(asking, BOUND)
+    assert seen[0]["active"] is True and seen[-1]["active"] is False and seen[-1]["status"] == 200
+    assert seen[0]["id"] == seen[-1]["id"]
+
+
+# -- sessions -------------------------------------------------------------------------------------
+
+
+async def test_changing_a_sessions_backend_routes_its_next_request(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    proxy = await start(config(tmp_path))
+    assert await ask(proxy, "hi", session="s1") == "answer from alpha"
+    status, body = await get(http, proxy, "/admin/api/sessions")
+    assert status == 200 and [s["id"] for s in body["sessions"]] == ["x-session-id:s1"]
+    status, body = await post(http, proxy, "/admin/api/sessions/x-session-id:s1", {"backend": "beta"})
+    assert status == 200 and body["session"]["settings"]["backend"] == "beta" and "beta" in body["replies"][0]
+    assert await ask(proxy, "hi again", session="s1") == "answer from beta"
+    assert await ask(proxy, "other session", session="s2") == "answer from alpha"
+    status, body = await post(http, proxy, "/admin/api/sessions/x-session-id:s1", {"backend": "nowhere"})
+    assert status == 400 and "no backend named 'nowhere'" in body["error"]["message"]
+    status, body = await post(http, proxy, "/admin/api/sessions/x-session-id:s1", {"set": {"temperature": 0.5}})
+    assert status == 200 and body["session"]["settings"]["temperature"] == 0.5
+    status, body = await post(http, proxy, "/admin/api/sessions/x-session-id:s1", {"colour": "red"})
+    assert status == 400 and "unknown field" in body["error"]["message"]
+    status, body = await post(http, proxy, "/admin/api/sessions/x-session-id:s1/clear")
+    assert status == 200 and body["session"]["settings"] == {}
+    assert await ask(proxy, "and back", session="s1") == "answer from alpha"
+    assert (await post(http, proxy, "/admin/api/sessions/x-session-id:nobody", {"backend": "beta"}))[0] == 404
+    async with http.post(proxy.url + "/admin/api/sessions/x-session-id:s1", data=b"{not json", headers=CHANGE) as response:
+        assert response.status == 400 and "JSON" in (await response.json())["error"]["message"]
+
+
+# -- backends, try it, reload, audit --------------------------------------------------------------
+
+
+async def test_backends_is_backend_status(start: Start, http: aiohttp.ClientSession, tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    proxy = await start(config(tmp_path, fake_openai))
+    status, body = await get(http, proxy, "/admin/api/backends")
+    assert status == 200 and set(body["backends"]) == {"alpha", "beta", "up"}
+    assert body["backends"] == json.loads(json.dumps(proxy.context.backend_status()))
+    assert UPSTREAM_KEY not in json.dumps(body)
+
+
+async def test_try_it_goes_through_the_pipeline_and_is_audited(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    proxy = await start(config(tmp_path))
+    status, body = await post(http, proxy, "/admin/api/try", {"model": "beta:m9", "message": "try", "session": "tryer"})
+    assert status == 200 and body["status"] == 200 and body["text"] == "answer from beta"
+    await settle(proxy)
+    row = (await get(http, proxy, "/admin/api/flows"))[1]["flows"][0]
+    assert row["backend"] == "beta" and row["session"] == "x-session-id:tryer"
+    assert (await post(http, proxy, "/admin/api/try", {"model": "m1"}))[0] == 400
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert lines[-1]["action"] == "try" and lines[-1]["who"]["auth"] == "bearer" and lines[-1]["target"] == "beta:m9"
+
+
+async def test_reload_is_501_without_context_reload_and_calls_it_when_present(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    proxy = await start(config(tmp_path, audit_log=str(tmp_path / "audit" / "changes.jsonl")))
+    if not hasattr(proxy.context, "reload"):
+        status, body = await post(http, proxy, "/admin/api/reload")
+        assert status == 501
+    calls: list[int] = []
+
+    async def reload() -> dict[str, Any]:
+        calls.append(1)
+        return {"backends": 2}
+
+    proxy.context.reload = reload  # type: ignore[attr-defined]
+    status, body = await post(http, proxy, "/admin/api/reload")
+    assert status == 200 and calls == [1] and body["result"] == {"backends": 2}
+    audit = (tmp_path / "audit" / "changes.jsonl").read_text()
+    assert ADMIN_KEY not in audit and '"action":"reload"' in audit
+    status, body = await get(http, proxy, "/admin/api/audit")
+    assert body["entries"][0]["action"] == "reload" and body["entries"][0]["status"] == 200
+
+
+# -- history ---------------------------------------------------------------------------------------
+
+
+async def test_history_is_queryable_and_read_by_the_cli(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    proxy = await start(config(tmp_path))
+    await ask(proxy, "one")
+    await ask(proxy, "two", model="beta:m2")
+    await settle(proxy)
+    status, body = await get(http, proxy, "/admin/api/history?backend=beta")
+    assert status == 200 and [r["backend"] for r in body["flows"]] == ["beta"]
+    status, body = await get(http, proxy, "/admin/api/history?q=answer%20from%20alpha")
+    assert [r["backend"] for r in body["flows"]] == ["alpha"]
+    assert (await get(http, proxy, "/admin/api/history?since=soon"))[0] == 400
+    db = str(tmp_path / "history.sqlite3")
+    result = CliRunner().invoke(main, ["history", "--db", db, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [r["backend"] for r in rows] == ["beta", "alpha"]
+    table = CliRunner().invoke(main, ["history", "--db", db, "--backend", "alpha"])
+    assert table.exit_code == 0 and "alpha:m1" in table.output and "beta" not in table.output
+    # the CLI blocks on urllib: it must not run on this test's loop (which serves the proxy)
+    result = await asyncio.to_thread(CliRunner().invoke, main, ["history", "--url", proxy.url, "--limit", "1", "--json"], env={"LLMPROXY_ADMIN_KEY": ADMIN_KEY})
+    assert result.exit_code == 0 and json.loads(result.output)["backend"] == "beta"
+    bad = await asyncio.to_thread(CliRunner().invoke, main, ["history", "--url", proxy.url], env={"LLMPROXY_ADMIN_KEY": "wrong"})
+    assert bad.exit_code == 1 and "401" in bad.output
+    assert CliRunner().invoke(main, ["history"]).exit_code == 2
+
+
+def test_history_retention_by_age_and_size(tmp_path: Path) -> None:
+    async def run() -> None:
+        history = History(str(tmp_path / "h.sqlite3"), max_age=3600, max_bytes=5000)
+        await history.open()
+        now = time.time()
+        for i in range(10):
+            summary = {"id": f"f{i}", "started": now - 7200 if i == 0 else now - 100 + i, "backend": "b"}
+            history.add(lambda s=summary: (s, {"blob": "x" * 1000}))
+        await history.flush()
+        removed = await history.run_retention()
+        rows = await history.query({}, limit=100)
+        await history.close()
+        assert removed >= 5
+        ids = [r["id"] for r in rows]
+        assert "f0" not in ids and ids[0] == "f9" and len(ids) <= 4
+    asyncio.run(run())
+
+
+async def test_an_in_memory_history_works_without_a_file(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    del cfg["plugins"]["inspector"]["history_path"]
+    proxy = await start(cfg)
+    await ask(proxy, "remember me")
+    await settle(proxy)
+    status, body = await get(http, proxy, "/admin/api/history")
+    assert status == 200 and len(body["flows"]) == 1
+    assert not list(tmp_path.iterdir())
+
+
+async def test_the_ui_is_served_with_a_strict_content_security_policy(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    proxy = await start(config(tmp_path))
+    async with http.get(proxy.url + "/ui/") as response:
+        assert response.status == 200 and "<title>llmproxy inspector</title>" in await response.text()
+        assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+        assert response.headers["X-Frame-Options"] == "DENY"
+    async with http.get(proxy.url + "/ui/app.js") as response:
+        assert response.status == 200 and "EventSource" in await response.text()
+    async with http.get(proxy.url + "/ui/../pyproject.toml") as response:
+        assert response.status == 404
+    async with http.get(proxy.url + "/ui", allow_redirects=False) as response:
+        assert response.status == 302 and response.headers["Location"] == "/ui/"
+
+
+def test_a_plugin_left_unconfigured_is_on_with_defaults() -> None:
+    from llmproxy_inspector.settings import InspectorSettings
+
+    settings = InspectorSettings()
+    assert settings.admin_key is None and settings.trace == "watched" and settings.allow_remote is False
+    with pytest.raises(ValueError, match="references"):
+        InspectorSettings(admin_key="literal-key-in-file")
+
+
+async def test_details_come_from_memory_or_from_the_history_on_disk(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    # details: 0 keeps no flow in memory: the detail is the record the history stored
+    proxy = await start(config(tmp_path, details=0))
+    await ask(proxy, "!/model(beta:m2) on disk")
+    await settle(proxy)
+    row = (await get(http, proxy, "/admin/api/flows"))[1]["flows"][0]
+    detail = (await get(http, proxy, f"/admin/api/flows/{row['id']}"))[1]
+    assert [c["plugin"] for c in detail["plugin_changes"]] == ["commands"] and detail["request"]["body"]["messages"]
+    # no history file: nothing is built for a flow until it is asked for, and once it has
+    # left memory only its summary remains
+    cfg = config(tmp_path / "mem", details=1)
+    del cfg["plugins"]["inspector"]["history_path"]
+    proxy = await start(cfg)
+    await ask(proxy, "first")
+    await ask(proxy, "second")
+    await settle(proxy)
+    newest, oldest = (await get(http, proxy, "/admin/api/flows"))[1]["flows"]
+    assert (await get(http, proxy, f"/admin/api/flows/{newest['id']}"))[1]["request"]["body"]["messages"][0]["content"] == "second"
+    old = (await get(http, proxy, f"/admin/api/flows/{oldest['id']}"))[1]
+    assert old["summary"]["id"] == oldest["id"] and "request" not in old
