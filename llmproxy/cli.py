@@ -315,7 +315,7 @@ def _remote_explain(url: str, admin_key: str | None, body: dict[str, Any], proto
     import urllib.request
 
     payload = json.dumps({"request": body, "protocol": protocol, "model": model}).encode()
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {admin_key or ''}"}
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {admin_key or ''}", "X-LLMProxy-Admin": "1"}
     request = urllib.request.Request(url.rstrip("/") + "/admin/api/route/explain", data=payload, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - the user's own proxy

@@ -357,8 +357,27 @@ async def reload(request: web.Request, inspector: "Inspector", auth: str) -> web
     except Exception as error:  # the config's own complaint, for the user to fix
         await inspector.audit.record(request, auth, "reload", status=400)
         return problem(400, f"reload failed: {error}")
+    if isinstance(result, dict) and result.get("status") == "rejected":
+        await inspector.audit.record(request, auth, "reload", status=400)
+        return reply({"ok": False, "result": result}, 400)
     await inspector.audit.record(request, auth, "reload")
     return reply({"ok": True, "result": result if isinstance(result, (dict, list, str, int, float, bool)) else None})
+
+
+async def route_explain(request: web.Request, inspector: "Inspector", auth: str) -> web.StreamResponse:
+    """``{"request": body, "protocol": optional, "model": optional}`` → how it would be routed
+    now (``llmproxy.explain``); changes nothing."""
+    from llmproxy.explain import PROTOCOLS, explain
+
+    body = await json_body(request)
+    wanted = body.get("request")
+    protocol = body.get("protocol")
+    if not isinstance(wanted, dict):
+        raise BadRequest("'request' must be the request body, a JSON object")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise BadRequest(f"'protocol' must be one of {', '.join(PROTOCOLS)}")
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    return reply(explain(inspector.context, wanted, protocol, model))
 
 
 async def try_it(request: web.Request, inspector: "Inspector", auth: str) -> web.StreamResponse:
@@ -448,6 +467,7 @@ def routes(register: Callable[..., None], context: "ProxyContext") -> None:
     add("GET", "/backends", backends)
     add("GET", "/audit", audit)
     add("POST", "/reload", reload)
+    add("POST", "/route/explain", route_explain)
     add("POST", "/try", try_it)
     register("GET", "/ui", ui_redirect)
     register("GET", "/ui/", ui_file(context))

@@ -333,24 +333,68 @@ async def test_try_it_goes_through_the_pipeline_and_is_audited(start: Start, htt
     assert lines[-1]["action"] == "try" and lines[-1]["who"]["auth"] == "bearer" and lines[-1]["target"] == "beta:m9"
 
 
-async def test_reload_is_501_without_context_reload_and_calls_it_when_present(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
-    proxy = await start(config(tmp_path, audit_log=str(tmp_path / "audit" / "changes.jsonl")))
-    if not hasattr(proxy.context, "reload"):
+async def test_reload_applies_a_changed_file_and_refuses_a_broken_one(http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    import yaml
+
+    from llmproxy.config import load_config
+
+    settings = config(tmp_path, audit_log=str(tmp_path / "audit" / "changes.jsonl"))
+    settings["proxy"]["reload_check"] = 0  # only the admin call reloads here
+    path = tmp_path / "llmproxy.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    plugins = [("offline", llmproxy_offline), ("openai", llmproxy_openai), ("commands", llmproxy_commands), ("inspector", llmproxy_inspector)]
+    proxy = await start_proxy(load_config(path), plugins=plugins, entry_points=False)
+    try:
+        assert await ask(proxy, "who?") == "answer from alpha"
+        settings["default_backend"] = "beta"
+        path.write_text(yaml.safe_dump(settings))
         status, body = await post(http, proxy, "/admin/api/reload")
-        assert status == 501
-    calls: list[int] = []
+        assert status == 200 and body["ok"] is True and body["result"]["status"] == "applied" and body["result"]["changed"] == ["default_backend"]
+        assert await ask(proxy, "who now?") == "answer from beta"
+        settings["default_backend"] = "gamma"
+        path.write_text(yaml.safe_dump(settings))
+        status, body = await post(http, proxy, "/admin/api/reload")
+        assert status == 400 and body["result"]["status"] == "rejected" and "'gamma' is not one of backends" in body["result"]["problems"][0]
+        assert await ask(proxy, "still?") == "answer from beta"
+        assert (await post(http, proxy, "/admin/api/reload", headers=ADMIN))[0] == 403  # a change needs the header
+        audit = (tmp_path / "audit" / "changes.jsonl").read_text()
+        assert ADMIN_KEY not in audit and '"action":"reload"' in audit
+        status, body = await get(http, proxy, "/admin/api/audit")
+        assert [(e["action"], e["status"]) for e in body["entries"][:2]] == [("reload", 400), ("reload", 200)]
+    finally:
+        await proxy.stop()
 
-    async def reload() -> dict[str, Any]:
-        calls.append(1)
-        return {"backends": 2}
 
-    proxy.context.reload = reload  # type: ignore[attr-defined]
-    status, body = await post(http, proxy, "/admin/api/reload")
-    assert status == 200 and calls == [1] and body["result"] == {"backends": 2}
-    audit = (tmp_path / "audit" / "changes.jsonl").read_text()
-    assert ADMIN_KEY not in audit and '"action":"reload"' in audit
-    status, body = await get(http, proxy, "/admin/api/audit")
-    assert body["entries"][0]["action"] == "reload" and body["entries"][0]["status"] == 200
+async def test_route_explain_over_the_admin_api_and_from_the_cli(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    import asyncio
+    import sys
+
+    settings = config(tmp_path)
+    settings["models"] = {"pair": {"targets": ["alpha:m1", {"target": "beta:m2", "capabilities": {"tools": False}}]}}
+    proxy = await start(settings)
+    tools = [{"type": "function", "function": {"name": "shell", "parameters": {"type": "object"}}}]
+    request = {"model": "pair", "messages": [{"role": "user", "content": "ls"}], "tools": tools}
+    status, body = await post(http, proxy, "/admin/api/route/explain", {"request": request})
+    assert status == 200 and body["first"] == "alpha:m1"
+    assert [(t["target"], t["eligible"]) for t in body["targets"]] == [("alpha:m1", True), ("beta:m2", False)]
+    assert (await post(http, proxy, "/admin/api/route/explain", {"request": "nope"}))[0] == 400
+    assert (await post(http, proxy, "/admin/api/route/explain", {"request": request}, headers={"X-LLMProxy-Admin": "1"}))[0] == 401
+    file = tmp_path / "request.json"
+    file.write_text(json.dumps(request))
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmproxy", "route", "explain", "--file", str(file), "--url", proxy.url, "--admin-key", ADMIN_KEY,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(cli.communicate(), BOUND)
+    text = out.decode()
+    assert cli.returncode == 0, err.decode()
+    assert "✗ capability: does not take tools (capabilities.tools: false)" in text and "→ first try: alpha:m1" in text
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmproxy", "route", "explain", "--file", str(file), "--url", proxy.url, "--admin-key", "wrong",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(cli.communicate(), BOUND)
+    assert cli.returncode == 2 and "the admin API answered 401" in err.decode() and "Traceback" not in err.decode()
 
 
 # -- history ---------------------------------------------------------------------------------------
