@@ -123,6 +123,7 @@ class Flow:
         "sessions",
         "_session",
         "metadata",
+        "routing",
         "trace",
         "changes",
         "target",
@@ -160,6 +161,7 @@ class Flow:
         self.sessions: SessionStore | None = None  # set by the pipeline
         self._session: Session | None = None
         self.metadata: dict[str, Any] = {}
+        self.routing: dict[str, Any] | None = None  # the core's failover state (targets left out, rate windows counted)
         self.trace: list[dict[str, Any]] = []
         # (hook, plugin, before, after) per implementation that changed the flow, when traced
         self.changes: list[tuple[str, str, dict[str, Any], dict[str, Any]]] | None = None

@@ -165,6 +165,11 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "Writer") -> None:
                 if flow.first_token_at is not None or retry == MAX_STREAM_RETRIES:
                     raise
                 log.info("flow %s: a stream processor asked for the answer again", flow.id)
+            except ProxyError as error:
+                # The stream broke (garbage, an error event) before anything reached the
+                # client: the next target takes over, as if this one had refused.
+                if flow.first_token_at is not None or retry == MAX_STREAM_RETRIES or not _fail_over_stream(flow, ctx, error):
+                    raise
             finally:
                 await upstream.close()
             processors = _stream_processors(flow, ctx) if chains.stream_start else []
@@ -197,6 +202,24 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "Writer") -> None:
     if flow.response is None:
         raise ProxyError(502, "the backend's answer could not be read in its own protocol")
     await writer.json(dumps(writer.codec.encode_response(flow.response, flow.request if flow.request_decoded else None)))
+
+
+def _fail_over_stream(flow: Flow, ctx: ProxyContext, error: ProxyError) -> bool:
+    """Count a stream's early failure against its target and leave the target out of this
+    flow's next dispatch; False when the error is the request's own or no target is left."""
+    target = flow.target
+    kind = failure_kind(error)
+    if target is None or kind is None or error.status not in RETRYABLE:
+        return False
+    ctx.health.breaker(target.label, target.provider.settings.breaker).failure(kind, None, time.monotonic())
+    if flow.routing is None:
+        flow.routing = {}
+    excluded = flow.routing.setdefault("excluded", set())
+    excluded.add(target.label)
+    if all(t.label in excluded for t in ctx.router.resolve(flow.model)):
+        return False
+    log.warning("flow %s: %s broke its stream before the first bytes (%s); trying the next target", flow.id, target.label, error.message)
+    return True
 
 
 def _stream_processors(flow: Flow, ctx: ProxyContext) -> list[tuple[str, Any]]:
@@ -294,7 +317,10 @@ async def _try_targets(
     router = ctx.router
     last_error: ProxyError | None = None
     needs = None
+    excluded = flow.routing.get("excluded") if flow.routing is not None else None
     for target in targets:
+        if excluded and target.label in excluded:
+            continue  # it already broke its stream for this request
         provider = target.provider
         settings = provider.settings
         declared = target.declared
@@ -403,7 +429,9 @@ def _over_limits(flow: Flow, ctx: ProxyContext, target: Any, now: float) -> floa
     if wait > 0:
         return wait
     admitted = [w.admit(now, tokens) for w in (window, backend_window) if w is not None]
-    flow.metadata["llmproxy.rate_entries"] = list(zip([w for w in (window, backend_window) if w is not None], admitted))
+    if flow.routing is None:
+        flow.routing = {}
+    flow.routing["rate_entries"] = list(zip([w for w in (window, backend_window) if w is not None], admitted))
     return 0.0
 
 
@@ -420,7 +448,7 @@ def _nothing_served(flow: Flow, skipped: list[tuple[Any, str, float]]) -> ProxyE
 
 def settle_rate_limits(flow: Flow) -> None:
     """Replace the estimated tokens counted for ``tpm`` with the flow's reported usage."""
-    entries = flow.metadata.pop("llmproxy.rate_entries", None)
+    entries = flow.routing.pop("rate_entries", None) if flow.routing is not None else None
     if not entries or not any(window.tpm for window, _ in entries):
         return
     response = flow.response if flow.error is None else None
@@ -456,7 +484,7 @@ async def _fail(flow: Flow, ctx: ProxyContext, writer: "Writer", error: ProxyErr
 
 async def _done(flow: Flow, ctx: ProxyContext) -> None:
     flow.ended = time.monotonic()
-    if "llmproxy.rate_entries" in flow.metadata:
+    if flow.routing is not None and "rate_entries" in flow.routing:
         settle_rate_limits(flow)
     if ctx.chains.flow_done:
         await call_chain_logged(ctx.chains.flow_done, skip=flow.disabled_plugins, flow=flow)
@@ -632,7 +660,7 @@ class Writer:
     async def _passthrough(self, upstream: UpstreamStream) -> None:
         """Same protocol, nobody watching the events: forward whole frames as they arrive."""
         flow = self.flow
-        response = self.response if self.started else await self._begin()  # begun: a retried stream
+        response = self.response if self.started else None  # begun: a retried stream; else at the first write
         received: list[bytes] = []
         pending = b""
         protocol = upstream.protocol
@@ -646,8 +674,12 @@ class Writer:
                     flow.first_token_at = time.monotonic()
                 if sent is not None:
                     sent.append((time.monotonic(), pending[:end]))
+                if response is None:
+                    response = await self._begin()
                 await response.write(pending[:end])
                 pending = pending[end:]
+        if response is None:
+            response = await self._begin()
         if pending.strip():
             tail_frame = pending if pending.endswith(b"\n\n") else pending + b"\n\n"
             if sent is not None:
@@ -674,7 +706,9 @@ class Writer:
         # The encoder writes what the client asked for (include_usage, echoed fields); it
         # reads them from the flow without forcing the request to be decoded.
         encoder = self.encoder = self.codec.stream_encoder(flow)
-        response = self.response if self.started else await self._begin()
+        # Begun at the first write, not before: until then a failure can still fail over or
+        # reach the client as a plain HTTP error.
+        response = self.response if self.started else None
         # What the client was sent, folded into flow.response only if someone reads it: most
         # flows have nobody who does, and folding as we go cost as much as encoding. The
         # events are not copied: once encoded and written, nothing changes them.
@@ -708,6 +742,8 @@ class Writer:
                             flow.first_token_at = time.monotonic()
                         if flow.sent is not None:
                             flow.sent.append((time.monotonic(), data))
+                        if response is None:
+                            response = await self._begin()
                         await response.write(data)
                 if ended:
                     last = events[-1]
@@ -720,6 +756,8 @@ class Writer:
             flow.set_lazy_response(lambda: _fold_events(sent, model))
         if not ended:
             raise ProxyError(502, "backend stream ended before the response was complete")
+        if response is None:
+            response = await self._begin()
         await response.write_eof()
 
 

@@ -55,6 +55,8 @@ class Behaviour:
     """Sent as the ``Retry-After`` header of the error."""
     malformed: bool = False
     """Answer 200 with a body that is not JSON (a stream: an event that is not JSON)."""
+    malformed_at: int = 2
+    """Stream: where the malformed event goes (0: before every other)."""
     break_after: int | None = None
     """Stream: drop the connection after this many events."""
     hang_after: int | None = None
@@ -526,7 +528,7 @@ class FakeUpstream:
         written after an in-stream error (a JSON array's closing bracket)."""
         frames = list(frames)
         if behaviour.malformed:
-            frames.insert(min(2, len(frames)), malformed if malformed is not None else self.malformed_frame())
+            frames.insert(min(behaviour.malformed_at, len(frames)), malformed if malformed is not None else self.malformed_frame())
         response = web.StreamResponse(headers=headers or self.sse_headers)
         await response.prepare(request)
         if behaviour.hang_after_headers:

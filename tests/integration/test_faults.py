@@ -302,9 +302,10 @@ async def test_only_a_body_that_is_not_json_is_a_502(a: FakeOpenAI, start: Start
 @pytest.mark.parametrize("decoded", [False, True], ids=["forwarded", "translated"])
 async def test_malformed_sse_reaches_the_client_as_a_well_formed_end(decoded: bool, a: FakeOpenAI, start: Start, http: aiohttp.ClientSession) -> None:
     """A frame that is not JSON, mid-stream: forwarded streams pass the backend's bytes on
-    and end; translated ones (an Anthropic client) end with Anthropic's error event."""
+    and end; translated ones (an Anthropic client) end with Anthropic's error event. (Garbage
+    before anything reached the client fails over instead: the next test.)"""
     proxy = await start({"backends": {"a": up(a)}, "default_backend": "a"})
-    a.script(malformed=True)
+    a.script(malformed=True, event_delay=0.05)  # one frame per read: the garbage comes after the first events
     if not decoded:
         status, _, body, _ = await ask(http, proxy, "gpt-4o-mini", stream=True)
         assert status == 200 and stream_text(body.replace('data: {"id": "chatcmpl-broken"', "")) is not None
@@ -431,3 +432,26 @@ async def test_an_unknown_pinned_key_is_a_config_error(a: FakeOpenAI, start: Sta
 
     with pytest.raises(ConfigError, match=r"models.w.targets\[0\].key: backend 'a' has no key named 'home' \(its keys: a#0\)"):
         await start({"backends": {"a": up(a)}, "models": {"w": {"targets": [{"target": "a:gpt-4o-mini", "key": "home"}]}}})
+
+
+async def test_a_stream_broken_before_anything_reached_the_client_fails_over(a: FakeOpenAI, b: FakeOpenAI, start: Start, http: aiohttp.ClientSession) -> None:
+    """An Anthropic client, translated from OpenAI Chat: a's first read holds garbage, so
+    nothing was written yet; b serves the whole stream, and a's breaker counts it."""
+    proxy = await start(pair(a, b))
+    a.script(malformed=True, malformed_at=0)  # garbage first: nothing can have been written
+    request = {"model": "m", "max_tokens": 50, "messages": HI, "stream": True}
+    async with http.post(proxy.url + "/v1/messages", json=request) as response:
+        text = await response.text()
+        assert response.status == 200 and response.headers["x-llmproxy-backend"] == "b"
+    assert "event: message_stop" in text and "event: error" not in text
+    assert len(a.requests) == 1 and len(b.requests) == 1
+    assert breaker(proxy, "a:gpt-4o-mini")["failures"] == 1
+
+
+async def test_a_stream_broken_before_anything_reached_the_client_with_no_other_target_is_an_http_error(a: FakeOpenAI, start: Start, http: aiohttp.ClientSession) -> None:
+    proxy = await start({"backends": {"a": up(a)}, "default_backend": "a"})
+    a.script(malformed=True, malformed_at=0)
+    request = {"model": "gpt-4o-mini", "max_tokens": 50, "messages": HI, "stream": True}
+    async with http.post(proxy.url + "/v1/messages", json=request) as response:
+        body = await response.json()
+    assert response.status == 502 and body["type"] == "error" and body["error"]["message"]

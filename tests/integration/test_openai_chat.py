@@ -827,8 +827,10 @@ async def test_stream_that_goes_silent_ends_with_a_timeout_event(fake_openai: Fa
 
 @pytest.mark.parametrize("mode", ["decoded", "decoded+request"])
 async def test_stream_with_a_malformed_event_ends_with_an_error_event(fake_openai: FakeOpenAI, launch: Launch, mode: str) -> None:
-    # The pass-through path does not parse events, so only decoded streams can notice.
-    fake_openai.script(malformed=True)
+    # The pass-through path does not parse events, so only decoded streams can notice. One
+    # event per read, so the first events reach the client before the bad one (garbage in the
+    # first read is an HTTP 502 instead: nothing was sent yet; see tests/integration/test_faults.py).
+    fake_openai.script(malformed=True, event_delay=0.03)
     proxied = await launch(make_config(fake_openai), mode)
 
     got, error = await _stream_until_error(proxied)

@@ -457,7 +457,7 @@ async def error(cell: Cell) -> None:
 
 
 async def midstream_error(cell: Cell) -> None:
-    cell.fake.script(error_after=3, message="the upstream fell over")
+    cell.fake.script(error_after=3, message="the upstream fell over", event_delay=0.02)  # one event per read: truly mid-stream
     with pytest.raises(cell.client.stream_error) as caught:
         await cell.ask(cell.client.user("say hi"))
     failure = cell.client.failure(caught.value)
