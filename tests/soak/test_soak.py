@@ -104,7 +104,10 @@ async def worker(http: aiohttp.ClientSession, url: str, until: float, rng: rando
             async with asyncio.timeout(CLIENT_DEADLINE):
                 async with http.post(url + path, json=body) as response:
                     text = await response.text()
-            outcomes[check(response.status, text, stream)] += 1
+            outcome = check(response.status, text, stream)
+            outcomes[outcome] += 1
+            if response.status in (429, 503):  # as the SDKs do: wait as told (capped), then go on
+                await asyncio.sleep(min(float(response.headers.get("Retry-After", "1")), 1.0))
         except TimeoutError:
             failures.append(f"hang: {path} stream={stream} still running after {CLIENT_DEADLINE}s")
         except (AssertionError, ValueError, KeyError, IndexError) as error:
@@ -133,7 +136,7 @@ async def test_soak(tmp_path: Path) -> None:
                 "type": "openai", "base_url": url,
                 "timeout": {"attempt": 2.0, "read": 1.0},
                 "retry": {"attempts": 1, "base_delay": 0.05, "max_delay": 0.2, "max_retry_after": 1},
-                "breaker": {"failures": 4, "cooldown_5xx": 1, "cooldown_429": 1, "cooldown_network": 1},
+                "breaker": {"failures": 5, "cooldown_5xx": 1, "cooldown_429": 1, "cooldown_network": 1},
             }
             for i, url in enumerate(urls)
         }
@@ -175,7 +178,7 @@ async def test_soak(tmp_path: Path) -> None:
     if os.environ.get("LLMPROXY_SOAK_REPORT"):
         Path(os.environ["LLMPROXY_SOAK_REPORT"]).write_text(json.dumps(report, indent=2))
     assert not failures, failures[:10]
-    assert outcomes["ok"] > total * 0.5, outcomes  # failover turns most faults into answers
+    assert outcomes["ok"] > total * 0.85, outcomes  # retries and failover turn most faults (20 % of draws) into answers
     assert after["tasks"] <= before["tasks"], (before, after)  # no task outlives its request
     assert after["fds"] <= before["fds"] + 4, (before, after)  # nor a connection or file
     assert after["rss_mb"] - before["rss_mb"] < 25, (before, after)  # memory stays flat …

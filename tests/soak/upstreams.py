@@ -23,15 +23,16 @@ from fakes.common import Behaviour  # noqa: E402
 from fakes.openai_upstream import FakeOpenAI  # noqa: E402
 
 FAULTS: list[tuple[float, dict[str, Any]]] = [
-    (0.62, {}),
-    (0.06, {"status": 500, "message": "soak: internal error"}),
-    (0.05, {"status": 429, "message": "soak: slow down", "retry_after": "1"}),
-    (0.04, {"hang_after": 0}),
-    (0.04, {"hang_after": 3}),
-    (0.04, {"break_after": 2}),
-    (0.04, {"cut_body": True}),
-    (0.04, {"malformed": True}),
-    (0.07, {"event_delay": 0.02, "delay": 0.05}),
+    (0.80, {}),
+    (0.03, {"status": 500, "message": "soak: internal error"}),
+    (0.02, {"status": 503, "message": "soak: overloaded"}),
+    (0.02, {"status": 429, "message": "soak: slow down", "retry_after": "1"}),
+    (0.02, {"hang_after": 0}),
+    (0.02, {"hang_after": 3}),
+    (0.02, {"break_after": 2}),
+    (0.02, {"cut_body": True}),
+    (0.02, {"malformed": True}),
+    (0.03, {"event_delay": 0.02, "delay": 0.05}),
 ]
 
 
