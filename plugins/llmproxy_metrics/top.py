@@ -151,12 +151,12 @@ def _inflight(entry: dict[str, Any]) -> str:
 def _breakers(entry: dict[str, Any]) -> Any:
     from rich.text import Text
 
-    targets = entry.get("targets")
-    if not isinstance(targets, dict) or not targets:
+    breakers = entry.get("breakers")  # {"backend:model": {"state": …, "retry_in": …}}, once tried
+    if not isinstance(breakers, dict) or not breakers:
         return Text("-")
     text = Text()
-    for i, (target, state) in enumerate(sorted(targets.items())):
-        breaker = state.get("breaker") if isinstance(state, dict) else None
+    for i, (target, state) in enumerate(sorted(breakers.items())):
+        breaker = state.get("state") if isinstance(state, dict) else None
         if i:
             text.append(", ")
         text.append(f"{target} ")

@@ -2,8 +2,7 @@
 API's two endpoints exactly as the shared contract gives them (``GET /admin/api/flows?limit=N``
 and ``GET /admin/api/backends``, ``Authorization: Bearer <admin key>``).
 
-The inspector plugin that serves them in llmproxy is built in parallel; once it is in, a test
-should run ``top`` against a real proxy too.
+The last test runs ``top`` against a real llmproxy with the inspector plugin serving them.
 """
 
 from __future__ import annotations
@@ -38,9 +37,9 @@ FLOWS = [
 BACKENDS = {
     "good": {"type": "openai", "protocol": "openai_chat", "models": [], "base_url": "http://127.0.0.1:1/v1",
              "keys": [{"name": "good#0", "resting_for": 0.0}, {"name": "good#1", "resting_for": 27.2}],
-             "inflight": {"good:gpt-4o-mini": 3}, "targets": {"good:gpt-4o-mini": {"breaker": "half_open"}}},
+             "inflight": {"good:gpt-4o-mini": 3}, "breakers": {"good:gpt-4o-mini": {"state": "half_open", "failures": 1, "retry_in": 0.0}}},
     "anthropic": {"type": "anthropic", "keys": [{"name": "anthropic#0", "resting_for": 0.0}], "inflight": {},
-                  "targets": {"anthropic:claude-sonnet-4-5": {"breaker": "open"}}},
+                  "breakers": {"anthropic:claude-sonnet-4-5": {"state": "open", "failures": 5, "retry_in": 12.5}}},
     "offline": {"type": "offline", "inflight": {}},  # no keys, no breakers: the status as it is today
 }
 
@@ -193,3 +192,38 @@ async def test_live_view_polls_until_interrupted(admin: tuple[str, AdminAPI]) ->
     assert proc.returncode == 0, err
     assert b"Traceback" not in err
     assert b"ci-runner" in out
+
+
+async def test_top_against_a_real_llmproxy_with_the_inspector(monkeypatch: pytest.MonkeyPatch) -> None:
+    import llmproxy_inspector
+    import llmproxy_offline
+
+    from llmproxy.testing import start_proxy
+
+    config = {
+        "proxy": {"drain_timeout": 0},
+        "backends": {"offline": {"type": "offline"}},
+        "default_backend": "offline",
+        "plugins": {"inspector": {"admin_key": "${TOP_ADMIN_KEY}"}},
+    }
+    monkeypatch.setenv("TOP_ADMIN_KEY", ADMIN_KEY)
+    proxy = await start_proxy(config, plugins=[("offline", llmproxy_offline), ("inspector", llmproxy_inspector)], entry_points=False)
+    try:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            for text in ("first", "second"):
+                body = {"model": "any", "messages": [{"role": "user", "content": text}]}
+                async with http.post(proxy.url + "/v1/chat/completions", json=body) as response:
+                    assert response.status == 200
+        code, out, err = await top("--json", "--url", proxy.url, "--admin-key", ADMIN_KEY)
+        assert code == 0, err
+        data = json.loads(out)
+        assert [f["status"] for f in data["flows"][:2]] == [200, 200]
+        assert data["flows"][0]["backend"] == "offline" and "offline" in data["backends"]
+        code, out, err = await top("--once", "--url", proxy.url, "--admin-key", ADMIN_KEY)
+        assert code == 0 and "offline" in out, err
+        code, _, err = await top("--once", "--url", proxy.url, "--admin-key", "wrong")
+        assert code == 1 and len(err.strip().splitlines()) == 1
+    finally:
+        await proxy.stop()
