@@ -340,7 +340,7 @@ async def _try_targets(
             if not breaker.allows(now):
                 skipped.append((target, f"circuit breaker open ({breaker.last_kind}), retry in {breaker.retry_in(now):.1f}s", breaker.retry_in(now)))
                 break
-            wait = _over_limits(flow, ctx, target, now)
+            wait = _over_limits(flow, ctx, target, now) if (target.window is not None or settings.rpm or settings.tpm) else 0.0
             if wait:
                 breaker.abandoned()
                 skipped.append((target, f"over its rate limit, frees up in {wait:.1f}s", wait))
@@ -358,7 +358,7 @@ async def _try_targets(
             flow.target = target
             router.begin(target)  # in flight until the answer is read (a stream: until closed)
             try:
-                limit = _time_left(settings.timeout.attempt, deadline)
+                limit = settings.timeout.attempt if deadline is None else _time_left(settings.timeout.attempt, deadline)
                 if limit is None:
                     result = await attempt(target)
                 else:
