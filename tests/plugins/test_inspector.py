@@ -425,21 +425,39 @@ async def test_history_is_queryable_and_read_by_the_cli(start: Start, http: aioh
     assert CliRunner().invoke(main, ["history"]).exit_code == 2
 
 
+class Item:
+    """A history item that is already built (see llmproxy_inspector.history.HistoryItem)."""
+
+    def __init__(self, summary: dict[str, Any], record: dict[str, Any] | None = None) -> None:
+        self.summary, self.record, self.told = summary, record, False
+
+    def build(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        return self.summary, self.record
+
+    def written(self, summary: dict[str, Any]) -> None:
+        self.told = True
+
+
 def test_history_retention_by_age_and_size(tmp_path: Path) -> None:
     async def run() -> None:
         history = History(str(tmp_path / "h.sqlite3"), max_age=3600, max_bytes=5000)
         await history.open()
         now = time.time()
+        items = []
         for i in range(10):
             summary = {"id": f"f{i}", "started": now - 7200 if i == 0 else now - 100 + i, "backend": "b"}
-            history.add(lambda s=summary: (s, {"blob": "x" * 1000}))
-        await history.flush()
-        removed = await history.run_retention()
-        rows = await history.query({}, limit=100)
-        await history.close()
-        assert removed >= 5
-        ids = [r["id"] for r in rows]
+            items.append(Item(summary, {"blob": "x" * 1000}))
+            history.add(items[-1])
+        await history.flush()  # one batch; retention runs after the first write
+        assert all(item.told for item in items)
+        ids = [r["id"] for r in await history.query({}, limit=100)]
         assert "f0" not in ids and ids[0] == "f9" and len(ids) <= 4
+        for i in range(10, 16):  # within the 30 s since: kept until retention runs again
+            history.add(Item({"id": f"f{i}", "started": now - 50 + i, "backend": "b"}, {"blob": "x" * 1000}))
+        removed = await history.run_retention()
+        ids = [r["id"] for r in await history.query({}, limit=100)]
+        await history.close()
+        assert removed >= 5 and ids[0] == "f15" and len(ids) <= 4
     asyncio.run(run())
 
 
