@@ -226,7 +226,7 @@ async def flow_detail(request: web.Request, inspector: "Inspector", auth: str) -
 def learn_tokens(history: History, flows: "list[Flow | None]") -> None:
     """Decode the answers of finished flows and store their token counts (in the history's
     thread: a stream's decode takes as long as it had events)."""
-    counts = []
+    counts: list[tuple[str, int | None, int | None]] = []
     for flow in flows:
         decode_answer(flow)
         response = flow.response if flow is not None else None

@@ -97,14 +97,14 @@ class Finished:
     when the flow ends: three values, no summary (see the module docstring).
     """
 
-    __slots__ = ("flow", "id", "started", "session", "watched", "persist", "include_bodies", "kept", "hub", "_summary")
+    __slots__ = ("flow", "id", "started", "session", "tokens_wanted", "persist", "include_bodies", "kept", "hub", "_summary")
 
-    def __init__(self, flow: "Flow", hub: "Hub", watched: bool, persist: bool, include_bodies: bool) -> None:
+    def __init__(self, flow: "Flow", hub: "Hub", tokens_wanted: bool, persist: bool, include_bodies: bool) -> None:
         self.flow: "Flow | None" = flow
         self.id = flow.id
         self.started = wall_start(flow)  # now: a clock read later would be off by the wait
         self.session = session_of(flow)  # on the loop: the session store is the loop's
-        self.watched = watched  # a browser saw it end: it wants the tokens as soon as they are known
+        self.tokens_wanted = tokens_wanted  # a browser saw it end without them: send them once known
         self.persist = persist  # its detail record goes to the history on disk
         self.include_bodies = include_bodies
         self.kept = True  # among LiveFlows.details
@@ -127,18 +127,17 @@ class Finished:
         """The summary and, with a history on disk, the detail record (in the history's thread)."""
         flow = self.flow
         assert flow is not None
-        if self.persist or self.watched:
+        if self.persist or self.tokens_wanted:
             decode_answer(flow)
         summary = summarize(flow, False, self.started, self.session)
         return summary, detail.build(self) if self.persist else None
 
     def written(self, summary: dict[str, Any]) -> None:
         """The history has it (on the loop)."""
-        old = self._summary
         self._summary = summary
         if not self.kept:
             self.flow = None
-        if self.watched and (old or {}).get("tokens_in") != summary["tokens_in"]:
+        if self.tokens_wanted:
             self.hub.publish("flow", summary)
 
     def evicted(self) -> None:
@@ -226,7 +225,7 @@ class LiveFlows:
         self.active.pop(flow.id, None)
         hub = self.hub
         watched = bool(hub.subscribers)
-        row = Finished(flow, hub, watched, persist, include_bodies)
+        row = Finished(flow, hub, watched and flow.response_pending, persist, include_bodies)
         flow_id = row.id
         recent = self.recent
         recent[flow_id] = row
@@ -239,6 +238,16 @@ class LiveFlows:
         if watched:
             hub.publish("flow", row.summary())
         return row
+
+    def undecoded(self, rows: Iterable[dict[str, Any]]) -> list[Finished]:
+        """The finished flows among ``rows`` (summaries) whose answers wait undecoded."""
+        found = []
+        for summary in rows:
+            if summary["tokens_in"] is None and not summary["active"]:
+                row = self.recent.get(summary["id"])
+                if row is not None and row.undecoded:
+                    found.append(row)
+        return found
 
     def list(self, limit: int) -> list[dict[str, Any]]:
         """Newest first, flows in flight included."""
@@ -253,13 +262,3 @@ class LiveFlows:
             return summarize(flow, active=True)
         row = self.recent.get(flow_id)
         return row.summary() if row is not None else None
-
-    def undecoded(self, rows: Iterable[dict[str, Any]]) -> list[Finished]:
-        """The finished flows among ``rows`` (summaries) whose answers wait undecoded."""
-        found = []
-        for summary in rows:
-            if summary["tokens_in"] is None and not summary["active"]:
-                row = self.recent.get(summary["id"])
-                if row is not None and row.undecoded:
-                    found.append(row)
-        return found
