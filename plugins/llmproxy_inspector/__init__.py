@@ -6,12 +6,13 @@ admin_key`` (a reference such as ``${LLMPROXY_ADMIN_KEY}``), or else a random ke
 at each start and printed once in the log beside the UI's URL — never written to disk. See
 docs/inspector.md and docs/admin-api.md.
 
-Per flow, on the event loop: a summary when it starts and when it ends (a few dictionary
-operations); the history thread reads the answer's token counts and writes the summary to
-SQLite. The detail record (bodies, attempts, events, diffs — masked) costs about as much as
-proxying the request, so it is built only when the UI asks for it (from the newest
-``details`` flows kept in memory), or for every flow when the history is kept on disk
-(``history_path``). Streams keep their fast path: with
+Per flow, on the event loop: a small record when it ends (the flow, its wall-clock start,
+its session) put in the recent list and the history's queue; the history thread builds the
+summaries and writes them to SQLite in batches (see history.py), and token counts come from
+answers already decoded (see live.py for when else). The detail record (bodies, attempts,
+events, diffs — masked) costs about as much as proxying the request, so it is built only
+when the UI asks for it (from the newest ``details`` flows kept in memory), or for every
+flow when the history is kept on disk (``history_path``). Streams keep their fast path: with
 ``capture_bodies`` the bytes written to the client are kept by the core's wire recording
 (``flow.record_wire()``), one list append per write; nothing else runs per event. The
 per-plugin diffs come from the core's change tracing (``flow.trace_changes()``), turned on
@@ -20,7 +21,6 @@ per ``trace``: by default only while a browser has the UI open.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import secrets
@@ -32,7 +32,7 @@ from pydantic import BaseModel
 
 from llmproxy import hookimpl
 
-from . import api, detail
+from . import api
 from .history import History
 from .live import Hub, LiveFlows
 from .security import Audit, Guard
@@ -138,31 +138,13 @@ def request(flow: "Flow") -> None:
 @hookimpl(trylast=True)
 def flow_done(flow: "Flow") -> None:
     # trylast: once this has run, nothing reads the flow any more, so the history thread may
-    # decode its answer (see detail.build) without racing another plugin.
+    # decode its answer (see live.Finished) without racing another plugin.
     context = flow.context
     inspector: Inspector | None = context.state.get(NAME) if context is not None else None
     if inspector is None:
         return
-    live = inspector.live
-    summary = live.finished(flow)
-    pending = detail.Pending(flow, summary, inspector.settings.capture_bodies)
-    live.keep(flow.id, pending)
-    persist = inspector.settings.history_path is not None
-    loop = asyncio.get_running_loop()
-
-    def build() -> tuple[dict[str, Any], dict[str, Any] | None]:  # in the history thread
-        full = detail.with_tokens(pending)
-        if full.get("tokens_in") != summary.get("tokens_in"):
-            update = {"tokens_in": full.get("tokens_in"), "tokens_out": full.get("tokens_out")}
-            try:
-                loop.call_soon_threadsafe(live.update, full["id"], update)
-            except RuntimeError:  # the loop has closed: nobody is watching any more
-                pass
-        # the detail record costs about as much as the request: built now only for a history
-        # on disk; otherwise when the UI asks (from the flows kept in memory)
-        return full, detail.build(pending) if persist else None
-
-    inspector.history.add(build)
+    settings = inspector.settings
+    inspector.history.add(inspector.live.finished(flow, settings.history_path is not None, settings.capture_bodies))
 
 
 @hookimpl

@@ -22,6 +22,8 @@ from llmproxy.flow import Flow
 from llmproxy.sessions import Session
 
 from .detail import build as build_detail
+from .history import History
+from .live import Finished, decode_answer
 from .security import COOKIE, Refused
 
 if TYPE_CHECKING:
@@ -188,26 +190,55 @@ async def flows(request: web.Request, inspector: "Inspector", auth: str) -> web.
     limit = _int(request, "limit", 100, 100_000)
     filters = _filters(request)
     text = (request.query.get("q") or "").lower() or None
-    rows = inspector.live.list(inspector.settings.recent + len(inspector.live.active))
+    live = inspector.live
+    rows = live.list(inspector.settings.recent + len(live.active))
     if filters or text:
         rows = [row for row in rows if _matches(row, filters, text)]
-    return reply({"flows": rows[:limit]})
+    rows = rows[:limit]
+    undecoded = live.undecoded(rows)
+    if undecoded:  # their token counts, paid for now that someone asks (once per flow)
+        await inspector.history.call(learn_tokens, inspector.history, [row.flow for row in undecoded])
+        for row in undecoded:
+            row.tokens_known()
+        found = {row.id: row for row in undecoded}
+        rows = [found[row["id"]].summary() if row["id"] in found else row for row in rows]
+    return reply({"flows": rows})
 
 
 async def flow_detail(request: web.Request, inspector: "Inspector", auth: str) -> web.StreamResponse:
     flow_id = request.match_info["id"]
-    live = inspector.live.find(flow_id)
-    pending = inspector.live.details.get(flow_id)
-    if pending is not None:  # built now, in the history thread: nobody paid for it before
-        record = await inspector.history.call(build_detail, pending)
+    finished = inspector.live.details.get(flow_id)
+    if finished is not None and finished.flow is not None:
+        # built now, in the history thread: nobody paid for it before
+        record = await inspector.history.call(_detail_and_tokens, inspector.history, finished, finished.flow)
+        finished.tokens_known()
     else:
         record = await inspector.history.record(flow_id)
+    live = inspector.live.find(flow_id)
     if record is None and live is None:
         raise BadRequest(f"no flow {flow_id!r} (it may have left the history)", 404)
     found = record or {}
     found["summary"] = live if live is not None else found.get("summary")
     found.setdefault("plugin_changes", [])
     return reply(found)
+
+
+def learn_tokens(history: History, flows: "list[Flow | None]") -> None:
+    """Decode the answers of finished flows and store their token counts (in the history's
+    thread: a stream's decode takes as long as it had events)."""
+    counts: list[tuple[str, int | None, int | None]] = []
+    for flow in flows:
+        decode_answer(flow)
+        response = flow.response if flow is not None else None
+        if response is not None:
+            counts.append((flow.id, response.usage.input_tokens, response.usage.output_tokens))  # type: ignore[union-attr]
+    if counts:
+        history.store_tokens(counts)
+
+
+def _detail_and_tokens(history: History, finished: Finished, flow: Flow) -> dict[str, Any]:
+    learn_tokens(history, [flow])
+    return build_detail(finished)
 
 
 async def history(request: web.Request, inspector: "Inspector", auth: str) -> web.StreamResponse:

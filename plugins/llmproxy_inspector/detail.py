@@ -1,55 +1,35 @@
-"""A flow's detail record, built in the history thread from a snapshot taken when the flow
-ended: the wire capture's record (client request, each upstream attempt, the answer or every
-stream event with its time — see llmproxy_wire_capture.record, whose format this reuses),
-plus a field-by-field diff of what each plugin changed (``flow.changes``), all masked with
+"""A flow's detail record, built in the history thread from a finished flow (kept whole in
+memory for a while, see live.Finished): the wire capture's record (client request, each
+upstream attempt, the answer or every stream event with its time — see
+llmproxy_wire_capture.record, whose format this reuses), plus a field-by-field diff of what each plugin changed (``flow.changes``), all masked with
 the proxy's redactor.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from llmproxy.codecs import CODECS
-from llmproxy.flow import Flow
 from llmproxy.redact import Redactor
 from llmproxy_wire_capture.record import Snapshot, build_line
+
+if TYPE_CHECKING:
+    from .live import Finished
 
 CONTEXT = 60  # characters of unchanged text shown around a change
 MAX_CHANGES = 200  # paths listed per plugin; a plugin that rewrote everything is summarised
 
 
-@dataclass(slots=True)
-class Pending:
-    """A finished flow waiting for the history thread."""
-
-    flow: Flow
-    summary: dict[str, Any]
-    include_bodies: bool
-
-
-def with_tokens(pending: Pending) -> dict[str, Any]:
-    """The summary with the answer's token counts. Runs in the history thread, after every
-    other ``flow_done`` implementation (the inspector's is ``trylast``): nothing else reads
-    the flow any more, so an answer nobody decoded is decoded here, off the loop."""
-    summary = dict(pending.summary)
-    if summary.get("tokens_in") is None:
-        response = pending.flow.response
-        if response is not None:
-            summary["tokens_in"] = response.usage.input_tokens
-            summary["tokens_out"] = response.usage.output_tokens
-    return summary
-
-
-def build(pending: Pending) -> dict[str, Any]:
+def build(finished: "Finished") -> dict[str, Any]:
     """The detail record (masked). Costs about as much as the request itself (mostly the
     masking), so it is built in the history thread, and only when someone asks for it or the
     history is kept on disk."""
-    flow = pending.flow
-    capture = Snapshot.of(flow, pending.include_bodies, flow.context.redactor)
-    capture.wall_start = pending.summary["started"]
+    flow = finished.flow
+    assert flow is not None
+    capture = Snapshot.of(flow, finished.include_bodies, flow.context.redactor)
+    capture.wall_start = finished.started
     record = orjson.loads(build_line(capture))
     record["plugin_changes"] = _mask(plugin_changes(capture, list(flow.changes or ())), capture.redactor)
     return record

@@ -5,6 +5,12 @@ plugins' changes — see detail.py) is stored with it as masked JSON. All SQLite
 inserts, retention, queries — runs in the history's own thread (a one-worker executor), never
 on the event loop; an in-memory database (no ``history_path``) lives in that thread too.
 
+Writes are batched, so that a flow costs the event loop one list append: :meth:`History.add`
+queues an item, and the queue goes to the thread every ``BATCH_SECONDS`` or ``BATCH_ROWS``
+items, whichever comes first, where the items are built into rows and written with one
+``executemany`` and one commit. A query (and :meth:`History.flush`, which tests use, and
+closing) sends what is queued first, so it sees every flow added before it.
+
 Retention runs after writes, at most every ``RETENTION_EVERY`` seconds: rows older than
 ``max_age`` go, then the oldest until the stored records fit in ``max_bytes``.
 
@@ -15,16 +21,21 @@ The file can be read by another process while the proxy writes it (WAL mode):
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import orjson
 
+log = logging.getLogger("llmproxy.inspector")
+
 RETENTION_EVERY = 30.0
+BATCH_SECONDS = 0.5  # longest a finished flow waits before the thread writes it
+BATCH_ROWS = 256  # a queue this long is sent at once
 COLUMNS = ("id", "started", "client", "session", "frontend", "model", "backend", "upstream_model", "status", "error")
 FILTERS = ("client", "session", "frontend", "model", "backend", "status")
 SCHEMA = """
@@ -85,6 +96,17 @@ def record_of(db: sqlite3.Connection, flow_id: str) -> dict[str, Any] | None:
     return detail
 
 
+class HistoryItem(Protocol):
+    """What :meth:`History.add` queues: built into a row in the history's thread, then told
+    (back on the event loop) that it was written."""
+
+    def build(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The summary and the detail record (or None). Runs in the thread: it may take time."""
+
+    def written(self, summary: dict[str, Any]) -> None:
+        """Called on the event loop once the row holding ``summary`` is committed."""
+
+
 class History:
     """The history database and its thread. ``add`` queues a write; the ``q*`` methods are
     awaitable queries that run in the same thread."""
@@ -95,37 +117,83 @@ class History:
         self.max_bytes = max_bytes
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmproxy-history")
         self._db: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._last_retention = 0.0
-        self._pending: set[Future[Any]] = set()  # queued writes (kept so none is collected early)
+        self._queue: list[HistoryItem] = []  # added, not yet sent to the thread
+        self._timer: asyncio.TimerHandle | None = None
+        self._pending: set[Future[Any]] = set()  # batches sent (kept so none is collected early)
 
     async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._db = await self._run(connect, self.path)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self._send()  # what was added before this call is written before it runs
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def add(self, build: Callable[[], tuple[dict[str, Any], dict[str, Any] | None]]) -> None:
-        """Queue ``build()`` — it returns the summary and the detail record (or None), and
-        runs in the thread, so it may take time — and the insert of what it returns."""
-        future = self._executor.submit(self._insert, build)
+    def add(self, item: HistoryItem) -> None:
+        """Queue ``item`` for the next batch (on the event loop: one append, and a timer per batch)."""
+        queue = self._queue
+        queue.append(item)
+        if len(queue) >= BATCH_ROWS:
+            self._send()
+        elif self._timer is None and self._loop is not None:
+            self._timer = self._loop.call_later(BATCH_SECONDS, self._send)
+
+    def _send(self) -> None:
+        """Hand the queued items to the thread as one batch."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._queue or self._db is None:
+            return
+        batch, self._queue = self._queue, []
+        future = self._executor.submit(self._write, batch)
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
 
-    def _insert(self, build: Callable[[], tuple[dict[str, Any], dict[str, Any] | None]]) -> None:
+    def _write(self, batch: list[HistoryItem]) -> None:
+        """Build and insert one batch (in the thread), then tell its items on the loop."""
         db = self._db
         assert db is not None
-        summary, record = build()
-        blob = orjson.dumps(record) if record is not None else None
-        values = [summary.get(name) for name in COLUMNS]
-        db.execute(
-            f"INSERT OR REPLACE INTO flows ({', '.join(COLUMNS)}, summary, record, size) VALUES ({', '.join('?' * len(COLUMNS))}, ?, ?, ?)",
-            [*values, orjson.dumps(summary), blob, len(blob) if blob else 0],
+        rows: list[tuple[Any, ...]] = []
+        written: list[tuple[HistoryItem, dict[str, Any]]] = []
+        for item in batch:
+            try:
+                summary, record = item.build()
+            except Exception:  # one flow that cannot be summarised must not lose the others
+                log.exception("inspector: a flow could not be written to the history")
+                continue
+            blob = orjson.dumps(record) if record is not None else None
+            rows.append((*[summary.get(name) for name in COLUMNS], orjson.dumps(summary), blob, len(blob) if blob else 0))
+            written.append((item, summary))
+        db.executemany(
+            f"INSERT OR REPLACE INTO flows ({', '.join(COLUMNS)}, summary, record, size) VALUES ({', '.join('?' * (len(COLUMNS) + 3))})",
+            rows,
         )
         db.commit()
         now = time.monotonic()
         if now - self._last_retention >= RETENTION_EVERY:
             self._last_retention = now
             self.retain()
+        if self._loop is not None and written:
+            try:
+                self._loop.call_soon_threadsafe(_tell, written)
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                pass
+
+    def store_tokens(self, counts: list[tuple[str, int | None, int | None]]) -> None:
+        """Fill in stored summaries' token counts, ``(id, in, out)`` each, once learned (in
+        the thread). A flow not written yet is left alone: its row will have them."""
+        db = self._db
+        assert db is not None
+        for flow_id, tokens_in, tokens_out in counts:
+            row = db.execute("SELECT summary FROM flows WHERE id = ?", (flow_id,)).fetchone()
+            if row is not None:
+                summary = orjson.loads(row[0])
+                summary["tokens_in"], summary["tokens_out"] = tokens_in, tokens_out
+                db.execute("UPDATE flows SET summary = ? WHERE id = ?", (orjson.dumps(summary), flow_id))
+        db.commit()
 
     def retain(self) -> int:
         """Apply max_age and max_bytes (in the thread); returns the rows removed."""
@@ -164,7 +232,7 @@ class History:
         return await self._run(self.retain)
 
     async def flush(self) -> None:
-        """Wait for the writes queued so far."""
+        """Write what was added so far, and wait until it is written."""
         await self._run(lambda: None)
 
     async def close(self) -> None:
@@ -173,3 +241,8 @@ class History:
             await self._run(self._db.close)
             self._db = None
         self._executor.shutdown(wait=True)
+
+
+def _tell(written: list[tuple[HistoryItem, dict[str, Any]]]) -> None:
+    for item, summary in written:
+        item.written(summary)

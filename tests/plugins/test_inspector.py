@@ -397,6 +397,84 @@ async def test_route_explain_over_the_admin_api_and_from_the_cli(start: Start, h
     assert cli.returncode == 2 and "the admin API answered 401" in err.decode() and "Traceback" not in err.decode()
 
 
+# -- what a flow costs: no answer decoded just for its token counts ---------------------------------
+
+
+async def test_an_undecoded_answer_is_decoded_for_its_tokens_only_when_asked(start: Start, http: aiohttp.ClientSession, tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    cfg = config(tmp_path, fake_openai, trace="watched")
+    del cfg["plugins"]["inspector"]["history_path"]
+    proxy = await start(cfg)
+    # same protocol both sides: the answer is forwarded as the backend sent it, undecoded
+    answer = await sdk(proxy).chat.completions.create(model="up:gpt-x", messages=[{"role": "user", "content": "passed through"}])
+    assert answer.usage is not None
+    await ask(proxy, "decoded by the offline backend")
+    await settle(proxy)
+    history = {row["backend"]: row for row in (await get(http, proxy, "/admin/api/history"))[1]["flows"]}
+    # nobody asked and nobody watched: the forwarded answer was never decoded, so no tokens;
+    # the offline backend's answer was decoded anyway, so its tokens are there
+    assert history["up"]["tokens_in"] is None and history["up"]["tokens_out"] is None
+    assert history["alpha"]["tokens_in"] and history["alpha"]["tokens_out"]
+    live = proxy.context.state["inspector"].live
+    assert live.details[history["up"]["id"]].undecoded
+    # the flow list is asked for: the answers of the flows it returns are decoded now (in the
+    # history thread), once, and the history keeps what was learned
+    rows = {row["backend"]: row for row in (await get(http, proxy, "/admin/api/flows"))[1]["flows"]}
+    assert (rows["up"]["tokens_in"], rows["up"]["tokens_out"]) == (answer.usage.prompt_tokens, answer.usage.completion_tokens)
+    assert not live.details[rows["up"]["id"]].undecoded
+    history = {row["backend"]: row for row in (await get(http, proxy, "/admin/api/history"))[1]["flows"]}
+    assert (history["up"]["tokens_in"], history["up"]["tokens_out"]) == (rows["up"]["tokens_in"], rows["up"]["tokens_out"])
+
+
+async def stream_with_usage(proxy: RunningProxy, text: str) -> Any:
+    """A stream through the fake OpenAI upstream, asking for its usage; returns the usage."""
+    usage = None
+    stream = await sdk(proxy).chat.completions.create(model="up:gpt-x", messages=[{"role": "user", "content": text}], stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        usage = chunk.usage or usage
+    assert usage is not None and usage.prompt_tokens > 0
+    return usage
+
+
+async def test_tokens_stay_null_for_a_forwarded_answer_no_longer_in_memory(start: Start, http: aiohttp.ClientSession, tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    cfg = config(tmp_path, fake_openai, details=0)
+    del cfg["plugins"]["inspector"]["history_path"]
+    proxy = await start(cfg)
+    await stream_with_usage(proxy, "forgotten")
+    await settle(proxy)
+    row = (await get(http, proxy, "/admin/api/flows"))[1]["flows"][0]
+    assert row["backend"] == "up" and row["status"] == 200 and row["tokens_in"] is None and row["tokens_out"] is None
+    # with the history on disk the detail record decodes every answer: tokens are always there
+    proxy = await start(config(tmp_path, fake_openai, details=0))
+    usage = await stream_with_usage(proxy, "remembered")
+    await settle(proxy)
+    row = (await get(http, proxy, "/admin/api/flows"))[1]["flows"][0]
+    assert row["backend"] == "up" and (row["tokens_in"], row["tokens_out"]) == (usage.prompt_tokens, usage.completion_tokens)
+
+
+async def test_a_watching_browser_gets_the_tokens_of_a_forwarded_answer(start: Start, http: aiohttp.ClientSession, tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    cfg = config(tmp_path, fake_openai)
+    del cfg["plugins"]["inspector"]["history_path"]
+    proxy = await start(cfg)
+    async with http.get(proxy.url + "/admin/api/events", headers=ADMIN) as events:
+        assert (await events.content.readline()).startswith(b"event: hello")
+        asking = asyncio.ensure_future(ask(proxy, "watched", model="up:gpt-x"))
+
+        async def tokens() -> dict[str, Any]:
+            kind = None
+            async for line in events.content:
+                if line.startswith(b"event: "):
+                    kind = line[7:].strip()
+                elif line.startswith(b"data: ") and kind == b"flow":
+                    summary = json.loads(line[6:])
+                    if not summary["active"] and summary["tokens_in"] is not None:
+                        return summary
+            raise AssertionError("the event stream ended")
+
+        summary = await asyncio.wait_for(tokens(), BOUND)  # the next history batch sends it
+        await asyncio.wait_for(asking, BOUND)
+    assert summary["backend"] == "up" and summary["tokens_in"] > 0 and summary["tokens_out"] > 0
+
+
 # -- history ---------------------------------------------------------------------------------------
 
 
@@ -425,22 +503,79 @@ async def test_history_is_queryable_and_read_by_the_cli(start: Start, http: aioh
     assert CliRunner().invoke(main, ["history"]).exit_code == 2
 
 
+class Item:
+    """A history item that is already built (see llmproxy_inspector.history.HistoryItem)."""
+
+    def __init__(self, summary: dict[str, Any], record: dict[str, Any] | None = None) -> None:
+        self.summary, self.record, self.told = summary, record, False
+
+    def build(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        return self.summary, self.record
+
+    def written(self, summary: dict[str, Any]) -> None:
+        self.told = True
+
+
 def test_history_retention_by_age_and_size(tmp_path: Path) -> None:
     async def run() -> None:
         history = History(str(tmp_path / "h.sqlite3"), max_age=3600, max_bytes=5000)
         await history.open()
         now = time.time()
+        items = []
         for i in range(10):
             summary = {"id": f"f{i}", "started": now - 7200 if i == 0 else now - 100 + i, "backend": "b"}
-            history.add(lambda s=summary: (s, {"blob": "x" * 1000}))
-        await history.flush()
-        removed = await history.run_retention()
-        rows = await history.query({}, limit=100)
-        await history.close()
-        assert removed >= 5
-        ids = [r["id"] for r in rows]
+            items.append(Item(summary, {"blob": "x" * 1000}))
+            history.add(items[-1])
+        await history.flush()  # one batch; retention runs after the first write
+        assert all(item.told for item in items)
+        ids = [r["id"] for r in await history.query({}, limit=100)]
         assert "f0" not in ids and ids[0] == "f9" and len(ids) <= 4
+        for i in range(10, 16):  # within the 30 s since: kept until retention runs again
+            history.add(Item({"id": f"f{i}", "started": now - 50 + i, "backend": "b"}, {"blob": "x" * 1000}))
+        removed = await history.run_retention()
+        ids = [r["id"] for r in await history.query({}, limit=100)]
+        await history.close()
+        assert removed >= 5 and ids[0] == "f15" and len(ids) <= 4
     asyncio.run(run())
+
+
+async def _rows_on_disk(path: Path, count: int) -> list[str]:
+    """Poll the file from another connection (a query would send the queue first) until it
+    holds ``count`` rows."""
+    deadline = time.monotonic() + BOUND
+    while True:
+        with sqlite3.connect(path) as db:
+            ids = [row[0] for row in db.execute("SELECT id FROM flows ORDER BY started")]
+        if len(ids) >= count or time.monotonic() > deadline:
+            return ids
+        await asyncio.sleep(0.05)
+
+
+async def test_history_writes_in_batches_by_time_and_by_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from llmproxy_inspector import history as module
+
+    history = History(str(tmp_path / "h.sqlite3"), max_age=0, max_bytes=0)
+    await history.open()
+    now = time.time()
+    # by time: nobody flushes, the batch goes within BATCH_SECONDS; an item that fails to
+    # build is logged and does not lose the others
+    broken = Item({})
+    broken.build = lambda: 1 / 0  # type: ignore[method-assign,assignment,return-value]
+    items = [Item({"id": "a", "started": now}), broken, Item({"id": "b", "started": now + 1})]
+    for item in items:
+        history.add(item)
+    assert await _rows_on_disk(tmp_path / "h.sqlite3", 2) == ["a", "b"]
+    await history.flush()
+    assert items[0].told and items[2].told and not broken.told
+    assert "could not be written to the history" in caplog.text
+    # by size: with the timer out of the way, BATCH_ROWS items go at once
+    monkeypatch.setattr(module, "BATCH_SECONDS", 3600.0)
+    for i in range(module.BATCH_ROWS):
+        history.add(Item({"id": f"n{i:04d}", "started": now + 2 + i}))
+    assert len(await _rows_on_disk(tmp_path / "h.sqlite3", 2 + module.BATCH_ROWS)) == 2 + module.BATCH_ROWS
+    history.add(Item({"id": "last", "started": now + 9999}))  # one short of a batch: waits…
+    assert [row["id"] for row in await history.query({}, limit=1)] == ["last"]  # …but a query sends it first
+    await history.close()
 
 
 async def test_an_in_memory_history_works_without_a_file(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
