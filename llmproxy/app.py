@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import signal
 import time
@@ -207,6 +208,7 @@ async def serve(config: Config, host: PluginHost, ready: Callable[[str], None] |
     url = f"http://{config.proxy.host}:{port}"
     log.info("llmproxy %s ready on %s in %.0f ms (backends: %s; default: %s)", __version__, url,
              (time.perf_counter() - started) * 1000, ", ".join(ctx.providers) or "none", config.default_backend)
+    tune_gc()
     if ready is not None:
         ready(url)
     await stop.wait()
@@ -214,6 +216,17 @@ async def serve(config: Config, host: PluginHost, ready: Callable[[str], None] |
     await drain(runner, ctx, config.proxy.drain_timeout)
     await runner.cleanup()
     log.info("stopped")
+
+
+def tune_gc() -> None:
+    """Once ready: move what start-up built (modules, config, plugins) out of the collector's
+    sight, and collect the youngest generation less often. A flow allocates thousands of
+    short-lived objects that reference counting frees anyway; with the default threshold
+    (700) the cyclic collector ran every few requests and walked every flow still alive
+    (streams in flight, the inspector's recent flows): measured 20–40 µs per request."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 100)
 
 
 async def drain(runner: web.AppRunner, ctx: ProxyContext, timeout: float) -> None:

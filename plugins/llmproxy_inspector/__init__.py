@@ -14,7 +14,8 @@ events, diffs — masked) costs about as much as proxying the request, so it is 
 when the UI asks for it (from the newest ``details`` flows kept in memory), or for every
 flow when the history is kept on disk (``history_path``). Streams keep their fast path: with
 ``capture_bodies`` the bytes written to the client are kept by the core's wire recording
-(``flow.record_wire()``), one list append per write; nothing else runs per event. The
+(``flow.record_wire()``), one list append per write, by default only while a browser has the
+UI open (recording every flow's bodies cost tens of µs per request); nothing else runs per event. The
 per-plugin diffs come from the core's change tracing (``flow.trace_changes()``), turned on
 per ``trace``: by default only while a browser has the UI open.
 """
@@ -62,6 +63,10 @@ class Inspector:
 
     def traces(self) -> bool:
         mode = self.settings.trace
+        return mode == "always" or (mode == "watched" and self.hub.watched)
+
+    def captures(self) -> bool:
+        mode = self.settings.capture_bodies
         return mode == "always" or (mode == "watched" and self.hub.watched)
 
 
@@ -128,7 +133,7 @@ def request(flow: "Flow") -> None:
     inspector: Inspector | None = flow.context.state.get(NAME) if flow.context is not None else None
     if inspector is None:
         return
-    if inspector.settings.capture_bodies:
+    if inspector.captures():
         flow.record_wire()
     if inspector.traces():
         flow.trace_changes()
@@ -144,7 +149,7 @@ def flow_done(flow: "Flow") -> None:
     if inspector is None:
         return
     settings = inspector.settings
-    inspector.history.add(inspector.live.finished(flow, settings.history_path is not None, settings.capture_bodies))
+    inspector.history.add(inspector.live.finished(flow, settings.history_path is not None, flow.sent is not None))
 
 
 @hookimpl

@@ -37,11 +37,19 @@ class InspectorSettings(BaseModel):
         "always; watched — only while a browser has the inspector open; or never. Tracing costs a JSON snapshot "
         "of the request per plugin in the chain.",
     )
-    capture_bodies: bool = Field(
-        True,
+    capture_bodies: Literal["always", "watched", "never"] = Field(
+        "watched",
         description="Keep request and response bodies, upstream attempts and stream events for each flow's detail "
-        "(kept in the history, masked like wire captures). Off: summaries, headers and timings only.",
+        "(kept in the history, masked like wire captures): always; watched — only while a browser has the inspector "
+        "open (the default: recording every body costs tens of µs per request); or never (summaries, headers and "
+        "timings only). true and false mean always and never.",
     )
+
+    @field_validator("capture_bodies", mode="before")
+    @classmethod
+    def _capture(cls, value: Any) -> Any:
+        return {True: "always", False: "never"}.get(value, value) if isinstance(value, bool) else value
+
     recent: int = Field(500, ge=10, le=100_000, description="Flows the live list keeps in memory (newest first).")
     details: int = Field(
         100,

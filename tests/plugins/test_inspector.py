@@ -57,7 +57,8 @@ def config(tmp_path: Path, fake: FakeOpenAI | None = None, **inspector: Any) -> 
     }
     if fake is not None:
         backends["up"] = {"type": "openai", "base_url": fake.base_url, "api_keys": ["${INSPECTOR_UPSTREAM_KEY}"]}
-    settings = {"admin_key": "${LLMPROXY_ADMIN_KEY}", "trace": "always", "history_path": str(tmp_path / "history.sqlite3"), **inspector}
+    settings = {"admin_key": "${LLMPROXY_ADMIN_KEY}", "trace": "always", "capture_bodies": "always",
+                "history_path": str(tmp_path / "history.sqlite3"), **inspector}
     return {"proxy": {"drain_timeout": 1}, "backends": backends, "default_backend": "alpha", "plugins": {"inspector": settings}}
 
 
