@@ -10,7 +10,6 @@ clear error naming what it lacks.
 
 from __future__ import annotations
 
-from typing import Any
 
 from aiohttp import web
 

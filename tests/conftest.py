@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
+import aiohttp
 import pytest
 
 from fakes.anthropic_upstream import FakeAnthropic
@@ -38,3 +39,10 @@ async def fake_gemini() -> AsyncIterator[FakeGemini]:
     """A started fake Gemini upstream (``base_url`` ends in ``/v1beta``)."""
     async with FakeGemini() as fake:
         yield fake
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An aiohttp client whose every request is bounded (10 s): a hang fails the test, never the run."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as session:
+        yield session

@@ -13,12 +13,11 @@ import orjson
 
 from llmproxy.codecs import CODECS
 from llmproxy.redact import Redactor
-from llmproxy_wire_capture.record import Snapshot, build_line
+from llmproxy_wire_capture.record import Snapshot, build_line, trim
 
 if TYPE_CHECKING:
     from .live import Finished
 
-CONTEXT = 60  # characters of unchanged text shown around a change
 MAX_CHANGES = 200  # paths listed per plugin; a plugin that rewrote everything is summarised
 
 
@@ -93,25 +92,6 @@ def _diff(a: Any, b: Any, path: str, out: list[dict[str, Any]]) -> None:
     if isinstance(a, str) and isinstance(b, str):
         a, b = trim(a, b)
     out.append({"path": path, "before": a, "after": b})
-
-
-def trim(a: str, b: str) -> tuple[str, str]:
-    """The differing middle of two strings, with a little unchanged context around it."""
-    prefix = 0
-    limit = min(len(a), len(b))
-    while prefix < limit and a[prefix] == b[prefix]:
-        prefix += 1
-    suffix = 0
-    while suffix < limit - prefix and a[-1 - suffix] == b[-1 - suffix]:
-        suffix += 1
-    start = max(0, prefix - CONTEXT)
-    head = "…" if start else ""
-
-    def cut(s: str) -> str:
-        end = len(s) - max(0, suffix - CONTEXT)
-        return head + s[start:end] + ("…" if end < len(s) else "")
-
-    return cut(a), cut(b)
 
 
 def _mask(value: Any, redactor: Redactor) -> Any:

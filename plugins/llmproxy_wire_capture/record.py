@@ -362,7 +362,7 @@ def _request_diff(snap: Snapshot, codec: Any) -> list[dict[str, Any]]:
         a, b = old.get(key), new.get(key)
         if a != b:
             if isinstance(a, str) and isinstance(b, str):
-                a, b = _trim(a, b)
+                a, b = trim(a, b)
             changes.append({"field": key, "before": a, "after": b})
     return changes
 
@@ -396,7 +396,7 @@ def _part(part: Any) -> str:
     return f"[{getattr(part, 'type', 'part')}]"
 
 
-def _trim(a: str, b: str) -> tuple[str, str]:
+def trim(a: str, b: str) -> tuple[str, str]:
     """The differing middle of two strings, with a little unchanged context around it."""
     prefix = 0
     limit = min(len(a), len(b))

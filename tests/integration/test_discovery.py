@@ -47,11 +47,6 @@ async def start() -> AsyncIterator[Start]:
         await proxy.stop()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
-        yield session
-
 
 async def until(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + BOUND

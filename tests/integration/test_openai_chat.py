@@ -166,11 +166,6 @@ async def proxied(fake_openai: FakeOpenAI, launch: Launch, mode: str) -> Proxied
     return await launch(make_config(fake_openai), mode)
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
-        yield session
-
 
 # -- helpers ------------------------------------------------------------------------------
 

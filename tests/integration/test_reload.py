@@ -54,11 +54,6 @@ async def fakes() -> AsyncIterator[dict[str, FakeOpenAI]]:
     await b.close()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
-        yield session
-
 
 async def ask(http: aiohttp.ClientSession, url: str, stream: bool = False) -> tuple[int, str]:
     async with http.post(url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "stream": stream}) as response:

@@ -61,11 +61,6 @@ async def start() -> AsyncIterator[Start]:
         await proxy.stop()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
-        yield session
-
 
 def backend(fake: FakeOpenAI | None, keys: int = 1, **settings: Any) -> dict[str, Any]:
     base_url = fake.base_url if fake is not None else f"http://127.0.0.1:{free_port()}/v1"

@@ -48,11 +48,6 @@ async def held() -> AsyncIterator[HeldOpenAI]:
         yield fake
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
-        yield session
-
 
 def local(fake: HeldOpenAI, **settings: Any) -> dict[str, Any]:
     return {"type": "openai", "base_url": fake.base_url, **settings}

@@ -22,7 +22,7 @@ import llmproxy_openai
 import openai
 import pytest
 
-from clients import CLIENTS, Call, Client
+from clients import CLIENTS, Client
 from fakes.anthropic_upstream import FakeAnthropic
 from fakes.common import DEFAULT_TEXT
 from fakes.openai_upstream import FakeOpenAI
@@ -601,11 +601,6 @@ async def test_anthropic_client_to_openai_backend_stream_reply_is_well_formed(ri
     assert message.stop_reason == "end_turn" and message.content[0].text.startswith(MARKER + "session: ")
     assert rig.upstream == []
 
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
-        yield session
 
 
 def test_builtins_registered_through_the_hook() -> None:

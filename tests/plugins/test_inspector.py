@@ -77,11 +77,6 @@ async def start() -> AsyncIterator[Start]:
         await proxy.stop()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
-        yield session
-
 
 def sdk(proxy: RunningProxy, session: str = "demo") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", default_headers={"x-session-id": session}, max_retries=0, timeout=BOUND)

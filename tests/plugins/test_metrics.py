@@ -76,11 +76,6 @@ async def start() -> AsyncIterator[Start]:
         await proxy.stop()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
-        yield session
-
 
 def backend(fake: FakeOpenAI) -> dict[str, Any]:
     return {"type": "openai", "base_url": fake.base_url, "api_keys": ["${METRICS_BACKEND_KEY}"]}
