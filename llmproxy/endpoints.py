@@ -10,7 +10,6 @@ clear error naming what it lacks.
 
 from __future__ import annotations
 
-
 from aiohttp import web
 
 from .codecs import get_codec
