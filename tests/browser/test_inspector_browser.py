@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator
 import llmproxy_commands
 import llmproxy_inspector
 import llmproxy_offline
+import llmproxy_openai
 import openai
 import pytest
 
@@ -46,20 +47,24 @@ if not Path(CHROMIUM).exists():
 
 
 @pytest.fixture
-async def proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RunningProxy]:
+async def proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_openai: Any) -> AsyncIterator[RunningProxy]:
     monkeypatch.setenv("LLMPROXY_ADMIN_KEY", ADMIN_KEY)
+    monkeypatch.setenv("BROWSER_UPSTREAM_KEY", "sk-browser-upstream-1")
+    fake_openai.script(status=503, message="down for maintenance")  # "broken": its breaker opens at the first failure
     config = {
         "proxy": {"drain_timeout": 1},
         "backends": {
             "alpha": {"type": "offline", "mode": "scripted", "replies": ["answer from alpha"], "stream_delay": 0.01},
             "beta": {"type": "offline", "mode": "scripted", "replies": ["answer from beta"], "stream_delay": 0.01},
+            "broken": {"type": "openai", "base_url": fake_openai.base_url, "api_keys": ["${BROWSER_UPSTREAM_KEY}"],
+                       "breaker": {"failures": 1, "cooldown_5xx": 300}, "rpm": 600},
         },
         "default_backend": "alpha",
-        "models": {"coding": {"targets": ["alpha:m1", "beta:m1"]}},
+        "models": {"coding": {"targets": ["alpha:m1", "beta:m1"]}, "flaky": {"targets": ["broken:gpt-4o-mini", "beta:m1"]}},
         # trace: the default, "watched" — the open page is what turns tracing on
         "plugins": {"inspector": {"admin_key": "${LLMPROXY_ADMIN_KEY}", "history_path": str(tmp_path / "history.sqlite3")}},
     }
-    plugins = [("offline", llmproxy_offline), ("commands", llmproxy_commands), ("inspector", llmproxy_inspector)]
+    plugins = [("offline", llmproxy_offline), ("openai", llmproxy_openai), ("commands", llmproxy_commands), ("inspector", llmproxy_inspector)]
     running = await start_proxy(config, plugins=plugins, entry_points=False)
     yield running
     await running.stop()
@@ -151,9 +156,17 @@ async def test_a_request_appears_live_with_its_plugin_diff_and_a_session_switch_
     await expect(page.locator("[data-testid=flow-row]")).to_have_count(4)
     await expect(page.locator("[data-testid=flow-row]").first.locator("[data-testid=flow-backend]")).to_have_text("alpha:m1")
 
-    # 4. backends, rendered from backend_status() whatever its keys
+    # 4. backends, rendered from backend_status() whatever its keys: a failed-over request has
+    # opened "broken"'s breaker, which the page shows with its rate window and key
+    answer = await sdk(proxy, "third").chat.completions.create(model="flaky", messages=[{"role": "user", "content": "anyone?"}])
+    assert answer.choices[0].message.content == "answer from beta"
     await page.click("#tabs button[data-tab=backends]")
-    await expect(page.locator("[data-testid=backend-card]")).to_have_count(2)
+    await expect(page.locator("[data-testid=backend-card]")).to_have_count(3)
+    broken = page.locator("[data-testid=backend-card]").filter(has_text="broken")
+    await expect(broken).to_contain_text("open")
+    await expect(broken).to_contain_text("broken#0")
+    await expect(broken).to_contain_text("600")  # the rpm limit
+    assert "sk-browser-upstream-1" not in await page.content()
     await shots(page, "inspector-backends")
 
     # 5. try it: through the proxy's own pipeline
