@@ -630,6 +630,7 @@ class AnthropicStreamDecoder:
 
 # A content_block_delta frame up to its value: index, delta type and the delta's field name.
 # orjson writes the same bytes for the whole dict, so the frames are identical.
+_TEXT = EventKind.TEXT
 _DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":{"type":"%s","%s":'
 
 
@@ -693,8 +694,18 @@ class AnthropicStreamEncoder:
 
     def encode(self, events: list[StreamEvent]) -> bytes:
         out: list[bytes] = []
+        # Text for the block that is open, what nearly every event of a stream is, takes a
+        # short way: its frame head is looked up once per batch, not once per event. Any
+        # other event may open or close blocks, so after one the way is looked up again.
+        text_index: int | None = None  # canonical index of the open text block, once known
+        text_head = b""
         for event in events:
             kind = event.kind
+            if kind == _TEXT and event.index == text_index:
+                if event.text:
+                    out.append(text_head + dumps(event.text) + b"}}\n\n")
+                continue
+            text_index = None
             if not self._started and kind != EventKind.ERROR:
                 self._start(out, event if kind == EventKind.START else None)
                 if kind == EventKind.START:
@@ -706,6 +717,7 @@ class AnthropicStreamEncoder:
                         wire = self._block(event.index, "text", out, {"type": "text", "text": ""})
                     if wire is not None:
                         self._delta(wire, "text_delta", "text", event.text, out)
+                        text_index, text_head = event.index, self._heads[(wire, "text_delta")]
             elif kind == EventKind.TOOL_CALL_DELTA:
                 wire = self._blocks.get(event.index)
                 if wire is not None and wire == self._open:

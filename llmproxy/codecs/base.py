@@ -134,6 +134,25 @@ class SSESplitter:
                     frames.append(frame)
         return frames
 
+    def whole_frames(self, chunk: bytes) -> tuple[bytes, bytes] | None:
+        """For a decoder's bulk fast path: the buffered bytes plus ``chunk`` cut after the
+        last frame end, as ``(complete frames, partial rest)``, or None when there is no
+        complete frame or a CR is involved (line ends the general path must normalise).
+        Changes nothing: a caller that takes the frames calls :meth:`keep` with the rest."""
+        if self._cr or b"\r" in chunk:
+            return None
+        data = self._buffer + chunk if self._buffer else chunk
+        end = data.rfind(b"\n\n") + 2
+        if end < 2:
+            return None
+        if end == len(data):
+            return data, b""
+        return data[:end], data[end:]
+
+    def keep(self, rest: bytes) -> None:
+        """Buffer ``rest`` (from :meth:`whole_frames`) for the next read."""
+        self._buffer = rest
+
     def close(self) -> list[tuple[str | None, bytes]]:
         """Frames left in the buffer when the stream ended without a final blank line."""
         rest, self._buffer = self._buffer.strip(b"\n"), b""

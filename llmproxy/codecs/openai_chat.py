@@ -7,6 +7,7 @@ protocol, so logprobs, ``n``, ``service_tier``, vendor extensions and the like p
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
@@ -501,10 +502,35 @@ def _encode_message(message: Message, same: bool) -> list[dict[str, Any]]:
     return [body]
 
 
-class ChatStreamDecoder:
-    """Chat completion chunks → canonical events for the first choice."""
+# A JSON string literal, unrolled so that matching is linear: runs of plain characters
+# between escapes. What it admits orjson still parses (and may refuse: bad UTF-8, a lone
+# surrogate), so it only has to prove where each literal begins and ends.
+_STRING = rb'"[^"\\\x00-\x1f]*(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*)*"'
+_STRINGS = re.compile(_STRING + rb"(?:\n" + _STRING + rb")*")
+_NAME = rb'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'  # an id or model name without escapes
+# The payload of a chunk that carries nothing but text for the first choice, as OpenAI and
+# most compatible servers send it; group 1 is the content's literal. Everything around it
+# is the same in every such chunk of a stream.
+_PLAIN_TEXT_CHUNK = re.compile(
+    rb'\{"id":' + _NAME + rb',"object":"chat\.completion\.chunk","created":(?:0|[1-9][0-9]{0,17}),"model":' + _NAME
+    + rb'(?:,"service_tier":' + _NAME + rb')?(?:,"system_fingerprint":(?:' + _NAME + rb'|null))?'
+    + rb',"choices":\[\{"index":0,"delta":\{"content":(' + _STRING + rb')\},"logprobs":null,"finish_reason":null\}\]'
+    + rb'(?:,"usage":null)?\}'
+)
+_LEARN_ATTEMPTS = 3  # text chunks looked at for that shape before giving up on the stream
 
-    __slots__ = ("_sse", "_started", "_blocks", "_next_index", "_open", "_stop", "_usage", "_done")
+
+class ChatStreamDecoder:
+    """Chat completion chunks → canonical events for the first choice.
+
+    Bulk fast path: once a stream has sent a plain text chunk (see ``_PLAIN_TEXT_CHUNK``),
+    its bytes around the content are known, and a read made only of chunks with exactly
+    those bytes is mapped by cutting them off, proving each remainder is one JSON string
+    and parsing all of them in one call, instead of a parse per chunk. Any other read takes
+    the general path, so both give the same events (tests/test_stream_fast_paths.py).
+    """
+
+    __slots__ = ("_sse", "_started", "_blocks", "_next_index", "_open", "_stop", "_usage", "_done", "_frame_head", "_frame_tail", "_learn")
 
     def __init__(self) -> None:
         self._sse = SSESplitter()
@@ -515,12 +541,75 @@ class ChatStreamDecoder:
         self._stop: str | None = None
         self._usage: Usage | None = None
         self._done = False
+        # The bytes before and after the content of this stream's plain text chunks, SSE
+        # framing included, once learned (then the bulk fast path is on).
+        self._frame_head = b""
+        self._frame_tail = b""
+        self._learn = _LEARN_ATTEMPTS
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
-        events: list[StreamEvent] = []
+        if self._frame_head:
+            events = self._text_run(chunk)
+            if events is not None:
+                return events
+        events = []
         for event_name, data in self._sse.feed(chunk):
             self._frame(event_name, data, events)
         return events
+
+    def _text_run(self, chunk: bytes) -> list[StreamEvent] | None:
+        """The events of a read made only of plain text chunks with the learned bytes
+        around their content, or None (having changed nothing) for any other read."""
+        frames = self._sse.whole_frames(chunk)
+        if frames is None:
+            return None
+        whole, rest = frames
+        head, tail = self._frame_head, self._frame_tail
+        if whole.count(b"\n\n") == 1:  # one frame per read, as paced streams come: fewer steps
+            if len(whole) < len(head) + len(tail) or not whole.startswith(head) or not whole.endswith(tail):
+                return None
+            # The general path reads whatever JSON value lies between head and tail as the
+            # content (a string nearly always), so one parse of it is all the proof needed,
+            # unless an LF (JSON whitespace) made the frame two lines.
+            literal = whole[len(head) : len(whole) - len(tail)]
+            if b"\n" in literal:
+                return None
+            try:
+                text = loads(literal)
+            except ValueError:
+                return None
+            self._sse.keep(rest)
+            return [StreamEvent(EventKind.TEXT, self._blocks["text"], text)] if text else []
+        pieces = whole.split(tail)  # splitting on the long head would cost twice as much
+        if pieces.pop():
+            return None  # the last frame is not a plain text chunk
+        start = len(head)
+        literals = [piece[start:] for piece in pieces]
+        # However they were cut, the read is these frames if they rebuild it byte for byte.
+        if head + (tail + head).join(literals) + tail != whole:
+            return None
+        # Joined by LF, which no literal may hold unescaped: if the regex reads the whole
+        # as literals and every LF is one of ours, each piece is exactly one literal, so
+        # each frame was exactly head + literal + tail.
+        joined = b"\n".join(literals)
+        if joined.count(b"\n") != len(literals) - 1 or _STRINGS.fullmatch(joined) is None:
+            return None
+        try:
+            texts = loads(b"[" + b",".join(literals) + b"]")
+        except ValueError:
+            return None  # the general path reports it, at the chunk it is in
+        self._sse.keep(rest)
+        index = self._blocks["text"]
+        return [StreamEvent(EventKind.TEXT, index, text) for text in texts if text]
+
+    def _learn_frame(self, data: bytes) -> None:
+        """``data``, a chunk the fast path of :meth:`_frame` took: if it has the plain
+        shape, keep the bytes around its content for :meth:`_text_run`."""
+        self._learn -= 1
+        match = _PLAIN_TEXT_CHUNK.fullmatch(data)
+        if match is not None:
+            self._frame_head = b"data: " + data[: match.start(1)]
+            self._frame_tail = data[match.end(1) :] + b"\n\n"
 
     def close(self) -> list[StreamEvent]:
         events: list[StreamEvent] = []
@@ -546,6 +635,7 @@ class ChatStreamDecoder:
         self._close_blocks(events)
         events.append(StreamEvent(EventKind.STOP, stop_reason=self._stop or "end_turn", usage=self._usage))
         self._done = True
+        self._frame_head = b""
 
     def _close_blocks(self, events: list[StreamEvent]) -> None:
         for index in self._open:
@@ -594,6 +684,8 @@ class ChatStreamDecoder:
         if not isinstance(chunk, dict):
             raise ProxyError(502, "upstream sent a stream event that is not a JSON object")
         if self._started and self._text_delta(chunk, events):
+            if self._learn and event_name is None and not self._frame_head:
+                self._learn_frame(data)
             return
         if "error" in chunk and not chunk.get("choices"):
             err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
