@@ -17,6 +17,9 @@ from ..errors import ProxyError
 
 
 class StreamDecoder(Protocol):
+    """A terminal event (stop or error) is the last event a decoder returns: nothing follows
+    it in its batch or later ones (the pipeline relies on that)."""
+
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         """Parse the complete events in ``chunk`` (plus whatever was buffered)."""
 
