@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import strategies as S
 from llmproxy.canonical import StreamEvent
-from llmproxy.codecs import get_codec
+from llmproxy.codecs import get_codec, openai_chat
 from llmproxy.codecs.base import SSESplitter
 from llmproxy.codecs.openai_chat import ChatStreamDecoder
 from llmproxy.errors import ProxyError
@@ -35,18 +35,17 @@ MANY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCh
 
 
 class CountingDecoder(ChatStreamDecoder):
-    """Counts the reads its bulk fast path mapped."""
+    """Counts the frames its general path mapped."""
 
-    __slots__ = ("fast_reads",)
+    __slots__ = ("general_frames",)
 
     def __init__(self) -> None:
         super().__init__()
-        self.fast_reads = 0
+        self.general_frames = 0
 
-    def _text_run(self, chunk: bytes) -> list[StreamEvent] | None:
-        events = super()._text_run(chunk)
-        self.fast_reads += events is not None
-        return events
+    def _frame(self, event_name: str | None, data: bytes, events: list[StreamEvent]) -> None:
+        self.general_frames += 1
+        super()._frame(event_name, data, events)
 
 
 def general_decoder() -> ChatStreamDecoder:
@@ -164,9 +163,16 @@ def chat_streams(draw: st.DrawFn) -> bytes:
     return out
 
 
-@MANY
+# Reads are mapped in segments of openai_chat._SEGMENT bytes of whole frames; the tests'
+# streams are small, so they also run with segments of a frame or a few.
+SEGMENTS = [pytest.param(openai_chat._SEGMENT, id="segment-default"), pytest.param(1, id="segment-1"), pytest.param(600, id="segment-600")]
+
+
+@pytest.mark.parametrize("segment", SEGMENTS)
+@settings(MANY, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])  # the patch is the same for every input
 @given(data=st.data())
-def test_chat_bulk_fast_path_equals_general_path(data: st.DataObject) -> None:
+def test_chat_bulk_fast_path_equals_general_path(segment: int, data: st.DataObject, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(openai_chat, "_SEGMENT", segment)
     stream = data.draw(chat_streams())
     reads = data.draw(st.one_of(_frame_reads(stream), S.splits(stream), st.just([stream])))
     assert run(ChatStreamDecoder(), reads) == run(general_decoder(), reads)
@@ -197,16 +203,35 @@ TEXTS = ["Hello", ", wo", "rld", " — ", "😀", "line\nbreak", 'a "quote"', "b
 
 @pytest.mark.parametrize("per_read", [1, 3, 20])
 def test_fast_path_is_taken_and_agrees(per_read: int) -> None:
-    """A plain stream: after the chunk it learns from, every read but the last takes the
-    fast path, and the events are the general path's."""
+    """A plain stream: after the chunk it learns from, only the read with the finish chunk
+    and [DONE] takes the general path, and the events are the general path's."""
     frames = _plain_stream(TEXTS * 4)
     reads = [b"".join(frames[i : i + per_read]) for i in range(0, len(frames), per_read)]
     decoder = CountingDecoder()
     assert run(decoder, reads) == run(general_decoder(), reads)
     # the role chunk, the chunk that begins the text block and the one it learns from take
-    # the general path, as does the read with the finish chunk and [DONE]
-    assert decoder.fast_reads >= len(reads) - 2 - 3 // per_read
-    assert decoder.fast_reads > 0
+    # the general path (and the rest of their read), as does the read with the finish chunk
+    assert decoder.general_frames <= 2 * per_read + 3 < len(frames)
+
+
+@pytest.mark.parametrize("reads_of", [None, 100_000, 7_000])
+def test_big_reads_with_near_misses(reads_of: int | None) -> None:
+    """A 2000-chunk stream (about 400 KB, so many segments per read) with unusual chunks
+    here and there: read whole or in big pieces, the fast path takes the plain segments,
+    learning in the first read, and the events are the general path's."""
+    frames = _plain_stream([f"w{i} " for i in range(2000)])
+    odd = [b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"odd"},"logprobs":null,"finish_reason":null}]}\n\n',
+           b": keep-alive\n\n", frames[1].replace(b'"w0 "', b'"bad \\x"')]
+    for i, at in enumerate(range(300, 2000, 400)):
+        frames.insert(at, odd[i % 2])
+    wire = b"".join(frames)
+    reads = [wire] if reads_of is None else [wire[i : i + reads_of] for i in range(0, len(wire), reads_of)]
+    decoder = CountingDecoder()
+    assert run(decoder, reads) == run(general_decoder(), reads)
+    assert decoder.general_frames < len(frames) // 2
+    broken = b"".join(frames[:900] + [odd[2]] + frames[900:])  # an error at chunk 900: same error
+    error = run(general_decoder(), [broken])[-1]
+    assert error[:2] == ("error", 502) and run(ChatStreamDecoder(), [broken])[-1] == error
 
 
 def test_fast_path_at_every_cut() -> None:
@@ -241,6 +266,19 @@ def test_any_literal_after_learning(literal: bytes, before: int, after: int) -> 
     read (the one-frame way) and among plain chunks (the bulk way)."""
     frames = _plain_stream(["a", "b", "c", "d"])
     odd = frames[4].replace(b'"d"', literal)
+    learned = b"".join(frames[:4])
+    for reads in ([learned, odd], [learned, frames[3] * before + odd + frames[3] * after, frames[3]]):
+        assert run(ChatStreamDecoder(), reads) == run(general_decoder(), reads)
+
+
+@MANY
+@given(at=st.integers(0, 10_000), byte=st.integers(0, 255), before=st.integers(0, 3), after=st.integers(0, 3))
+def test_one_byte_off(at: int, byte: int, before: int, after: int) -> None:
+    """A plain chunk with any one byte changed (another choice index, id or model of the
+    same length, a broken tail …), alone in its read and among plain chunks."""
+    frames = _plain_stream(["a", "b", "c", "d"])
+    at %= len(frames[4])
+    odd = frames[4][:at] + bytes([byte]) + frames[4][at + 1 :]
     learned = b"".join(frames[:4])
     for reads in ([learned, odd], [learned, frames[3] * before + odd + frames[3] * after, frames[3]]):
         assert run(ChatStreamDecoder(), reads) == run(general_decoder(), reads)

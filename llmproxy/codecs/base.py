@@ -120,7 +120,12 @@ class SSESplitter:
             self._buffer = buffer
             return []
         self._buffer = buffer[end + 2 :]
-        body = buffer[:end]
+        return self.frames(buffer[:end])
+
+    @staticmethod
+    def frames(body: bytes) -> list[tuple[str | None, bytes]]:
+        """The frames of ``body``: whole frames with LF line ends, without the blank line
+        after the last one."""
         # The usual read holds nothing but one-line "data:" frames. Splitting on the
         # separator between two such frames then yields every payload in one call, and the
         # count of line ends proves that premise: each separator holds two, so if that is
