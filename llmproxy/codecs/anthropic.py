@@ -683,14 +683,16 @@ class AnthropicStreamEncoder:
             return None  # that block was already closed; Anthropic blocks cannot reopen
         return wire
 
-    def _delta(self, wire: int, kind: str, field: str, value: Any, out: list[bytes]) -> None:
+    def _delta(self, wire: int, kind: str, field: str, value: Any, out: list[bytes]) -> bytes:
         """A ``content_block_delta`` frame. Every delta of one kind in one block is the same
         bytes around its value, so those are built once per block and kept: a dict and a
-        dump per event would cost more than all the rest of encoding a text delta."""
+        dump per event would cost more than all the rest of encoding a text delta. Returns
+        those bytes (the frame's head)."""
         head = self._heads.get((wire, kind))
         if head is None:
             head = self._heads[(wire, kind)] = _DELTA_HEAD % (wire, kind.encode(), field.encode())
         out.append(head + dumps(value) + b"}}\n\n")
+        return head
 
     def encode(self, events: list[StreamEvent]) -> bytes:
         out: list[bytes] = []
@@ -716,8 +718,8 @@ class AnthropicStreamEncoder:
                     if wire is None or wire != self._open:  # not the open block: _block knows what to do
                         wire = self._block(event.index, "text", out, {"type": "text", "text": ""})
                     if wire is not None:
-                        self._delta(wire, "text_delta", "text", event.text, out)
-                        text_index, text_head = event.index, self._heads[(wire, "text_delta")]
+                        text_head = self._delta(wire, "text_delta", "text", event.text, out)
+                        text_index = event.index
             elif kind == EventKind.TOOL_CALL_DELTA:
                 wire = self._blocks.get(event.index)
                 if wire is not None and wire == self._open:
