@@ -518,17 +518,18 @@ _PLAIN_TEXT_CHUNK = re.compile(
     + rb'(?:,"usage":null)?\}'
 )
 _LEARN_ATTEMPTS = 3  # text chunks looked at for that shape before giving up on the stream
-_SEGMENT = 32 * 1024  # bytes of frames mapped at a time (see ChatStreamDecoder._text_run)
+_SEGMENT = 32 * 1024  # bytes of frames mapped at a time (see ChatStreamDecoder._whole_frames)
 
 
 class ChatStreamDecoder:
     """Chat completion chunks → canonical events for the first choice.
 
     Bulk fast path: once a stream has sent a plain text chunk (see ``_PLAIN_TEXT_CHUNK``),
-    its bytes around the content are known, and a read made only of chunks with exactly
-    those bytes is mapped by cutting them off, proving each remainder is one JSON string
-    and parsing all of them in one call, instead of a parse per chunk. Any other read takes
-    the general path, so both give the same events (tests/test_stream_fast_paths.py).
+    its bytes around the content are known, and a run of chunks with exactly those bytes (a
+    read, or a segment of one) is mapped by cutting them off, proving each remainder is one
+    JSON string and parsing all of them in one call, instead of a parse per chunk. Anything
+    else takes the general path, and both give the same events
+    (tests/test_stream_fast_paths.py).
     """
 
     __slots__ = ("_sse", "_started", "_blocks", "_next_index", "_open", "_stop", "_usage", "_done", "_frame_head", "_frame_tail", "_learn")
@@ -586,9 +587,10 @@ class ChatStreamDecoder:
         # than the hundreds of KB a proxy slower than its backend reads at once.
         start = 0
         while start < len(whole):
-            end = whole.find(b"\n\n", start + _SEGMENT) + 2
-            segment = whole[start:end] if end > 1 else whole[start:] if start else whole
-            start += len(segment)
+            end = whole.find(b"\n\n", start + _SEGMENT)  # the first frame end past the size
+            end = len(whole) if end < 0 else end + 2
+            segment = whole[start:end] if start or end < len(whole) else whole
+            start = end
             if self._frame_head:  # learned, possibly in an earlier segment of this read
                 texts = self._texts(segment, self._frame_head, self._frame_tail)
                 if texts is not None:
