@@ -12,7 +12,9 @@ Each figure is the fastest of ``--repeats`` runs over a ``--events``-event strea
 the number of events. Pin it to a quiet core (``taskset -c 1``) for steady numbers.
 
 Steps: ``split`` (SSE framing), ``json`` (``orjson.loads`` of every payload), ``map`` (the rest
-of the OpenAI Chat decoder: chunks to canonical events), ``fold`` (``ResponseBuilder``, paid
+of the OpenAI Chat decoder's general path: chunks to canonical events), ``decode`` (the whole
+decoder as it runs, bulk fast path included: a read of plain text chunks is mapped without a
+parse per chunk, so the three steps before do not add up to it), ``fold`` (``ResponseBuilder``, paid
 only when someone reads ``flow.response`` of a stream), ``encode`` (each front-end's stream
 encoder). ``relay`` is the whole path through the pipeline (``Writer.relay``, the client
 write replaced by a no-op) for an Anthropic and an OpenAI Chat client, with no processor and
@@ -98,6 +100,12 @@ def main() -> int:
         for data in payloads:
             orjson.loads(data)
 
+    def general() -> None:
+        decoder = get_codec("openai_chat").stream_decoder()
+        decoder._learn = 0  # never learns the stream's chunk shape: every read takes the general path
+        for read in reads:
+            decoder.feed(read)
+
     def decode() -> None:
         decoder = get_codec("openai_chat").stream_decoder()
         for read in reads:
@@ -114,7 +122,8 @@ def main() -> int:
         builder.build()
 
     steps = {"split": _best(split, repeats, n), "json": _best(parse, repeats, n)}
-    steps["map"] = _best(decode, repeats, n) - steps["split"] - steps["json"]
+    steps["map"] = _best(general, repeats, n) - steps["split"] - steps["json"]
+    steps["decode"] = _best(decode, repeats, n)
     steps["fold"] = _best(fold, repeats, n)
     body = {"model": proxy_bench.MODEL, "stream": True, "max_tokens": 1024, "messages": [{"role": "user", "content": "hi"}]}
     for frontend in FRONTENDS:

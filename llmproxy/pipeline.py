@@ -655,7 +655,7 @@ class Writer:
             if tail:
                 yield tail
 
-        await self.stream_events(batches(), processors)
+        await self.stream_events(batches(), processors, terminal_last=True)
 
     async def _passthrough(self, upstream: UpstreamStream) -> None:
         """Same protocol, nobody watching the events: forward whole frames as they arrive."""
@@ -701,7 +701,11 @@ class Writer:
         flow.set_lazy_response(lambda: _fold(protocol, received, model))
         await response.write_eof()
 
-    async def stream_events(self, batches: Any, processors: list[Any]) -> None:
+    async def stream_events(self, batches: Any, processors: list[Any], terminal_last: bool = False) -> None:
+        """Encode and write ``batches`` of canonical events, through ``processors``, until a
+        terminal event. ``terminal_last``: the source puts a terminal event only at the end
+        of a batch (a stream decoder's promise), so without processors no batch is searched
+        for one."""
         flow = self.flow
         # The encoder writes what the client asked for (include_usage, echoed fields); it
         # reads them from the flow without forcing the request to be decoded.
@@ -729,11 +733,14 @@ class Writer:
                         events.extend(_apply(processors, [terminal]))
                 elif terminal is not None:
                     events.append(terminal)
-                for i, event in enumerate(events):
-                    if event.kind in _TERMINAL:
-                        del events[i + 1 :]
-                        ended = True
-                        break
+                if terminal_last and not processors:
+                    ended = terminal is not None
+                else:
+                    for i, event in enumerate(events):
+                        if event.kind in _TERMINAL:
+                            del events[i + 1 :]
+                            ended = True
+                            break
                 sent.extend(events)
                 if events:
                     data = encoder.encode(events)

@@ -630,6 +630,7 @@ class AnthropicStreamDecoder:
 
 # A content_block_delta frame up to its value: index, delta type and the delta's field name.
 # orjson writes the same bytes for the whole dict, so the frames are identical.
+_TEXT = EventKind.TEXT
 _DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":{"type":"%s","%s":'
 
 
@@ -682,19 +683,31 @@ class AnthropicStreamEncoder:
             return None  # that block was already closed; Anthropic blocks cannot reopen
         return wire
 
-    def _delta(self, wire: int, kind: str, field: str, value: Any, out: list[bytes]) -> None:
+    def _delta(self, wire: int, kind: str, field: str, value: Any, out: list[bytes]) -> bytes:
         """A ``content_block_delta`` frame. Every delta of one kind in one block is the same
         bytes around its value, so those are built once per block and kept: a dict and a
-        dump per event would cost more than all the rest of encoding a text delta."""
+        dump per event would cost more than all the rest of encoding a text delta. Returns
+        those bytes (the frame's head)."""
         head = self._heads.get((wire, kind))
         if head is None:
             head = self._heads[(wire, kind)] = _DELTA_HEAD % (wire, kind.encode(), field.encode())
         out.append(head + dumps(value) + b"}}\n\n")
+        return head
 
     def encode(self, events: list[StreamEvent]) -> bytes:
         out: list[bytes] = []
+        # Text for the block that is open, what nearly every event of a stream is, takes a
+        # short way: its frame head is looked up once per batch, not once per event. Any
+        # other event may open or close blocks, so after one the way is looked up again.
+        text_index: int | None = None  # canonical index of the open text block, once known
+        text_head = b""
         for event in events:
             kind = event.kind
+            if kind == _TEXT and event.index == text_index:
+                if event.text:
+                    out.append(text_head + dumps(event.text) + b"}}\n\n")
+                continue
+            text_index = None
             if not self._started and kind != EventKind.ERROR:
                 self._start(out, event if kind == EventKind.START else None)
                 if kind == EventKind.START:
@@ -705,7 +718,8 @@ class AnthropicStreamEncoder:
                     if wire is None or wire != self._open:  # not the open block: _block knows what to do
                         wire = self._block(event.index, "text", out, {"type": "text", "text": ""})
                     if wire is not None:
-                        self._delta(wire, "text_delta", "text", event.text, out)
+                        text_head = self._delta(wire, "text_delta", "text", event.text, out)
+                        text_index = event.index
             elif kind == EventKind.TOOL_CALL_DELTA:
                 wire = self._blocks.get(event.index)
                 if wire is not None and wire == self._open:

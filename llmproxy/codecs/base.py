@@ -17,6 +17,9 @@ from ..errors import ProxyError
 
 
 class StreamDecoder(Protocol):
+    """A terminal event (stop or error) is the last event a decoder returns: nothing follows
+    it in its batch or later ones (the pipeline relies on that)."""
+
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         """Parse the complete events in ``chunk`` (plus whatever was buffered)."""
 
@@ -117,7 +120,12 @@ class SSESplitter:
             self._buffer = buffer
             return []
         self._buffer = buffer[end + 2 :]
-        body = buffer[:end]
+        return self.frames(buffer[:end])
+
+    @staticmethod
+    def frames(body: bytes) -> list[tuple[str | None, bytes]]:
+        """The frames of ``body``: whole frames with LF line ends, without the blank line
+        after the last one."""
         # The usual read holds nothing but one-line "data:" frames. Splitting on the
         # separator between two such frames then yields every payload in one call, and the
         # count of line ends proves that premise: each separator holds two, so if that is
@@ -133,6 +141,25 @@ class SSESplitter:
                 if frame is not None:
                     frames.append(frame)
         return frames
+
+    def whole_frames(self, chunk: bytes) -> tuple[bytes, bytes] | None:
+        """For a decoder's bulk fast path: the buffered bytes plus ``chunk`` cut after the
+        last frame end, as ``(complete frames, partial rest)``, or None when there is no
+        complete frame or a CR is involved (line ends the general path must normalise).
+        Changes nothing: a caller that takes the frames calls :meth:`keep` with the rest."""
+        if self._cr or b"\r" in chunk:
+            return None
+        data = self._buffer + chunk if self._buffer else chunk
+        end = data.rfind(b"\n\n") + 2
+        if end < 2:
+            return None
+        if end == len(data):
+            return data, b""
+        return data[:end], data[end:]
+
+    def keep(self, rest: bytes) -> None:
+        """Buffer ``rest`` (from :meth:`whole_frames`) for the next read."""
+        self._buffer = rest
 
     def close(self) -> list[tuple[str | None, bytes]]:
         """Frames left in the buffer when the stream ended without a final blank line."""

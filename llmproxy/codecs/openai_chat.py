@@ -7,6 +7,7 @@ protocol, so logprobs, ``n``, ``service_tier``, vendor extensions and the like p
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
@@ -501,10 +502,37 @@ def _encode_message(message: Message, same: bool) -> list[dict[str, Any]]:
     return [body]
 
 
-class ChatStreamDecoder:
-    """Chat completion chunks → canonical events for the first choice."""
+# A JSON string literal, unrolled so that matching is linear: runs of plain characters
+# between escapes. What it admits orjson still parses (and may refuse: bad UTF-8, a lone
+# surrogate), so it only has to prove where each literal begins and ends.
+_STRING = rb'"[^"\\\x00-\x1f]*(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*)*"'
+_STRINGS = re.compile(_STRING + rb"(?:\n" + _STRING + rb")*")
+_NAME = rb'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'  # an id or model name without escapes
+# The payload of a chunk that carries nothing but text for the first choice, as OpenAI and
+# most compatible servers send it; group 1 is the content's literal. Everything around it
+# is the same in every such chunk of a stream.
+_PLAIN_TEXT_CHUNK = re.compile(
+    rb'\{"id":' + _NAME + rb',"object":"chat\.completion\.chunk","created":(?:0|[1-9][0-9]{0,17}),"model":' + _NAME
+    + rb'(?:,"service_tier":' + _NAME + rb')?(?:,"system_fingerprint":(?:' + _NAME + rb'|null))?'
+    + rb',"choices":\[\{"index":0,"delta":\{"content":(' + _STRING + rb')\},"logprobs":null,"finish_reason":null\}\]'
+    + rb'(?:,"usage":null)?\}'
+)
+_LEARN_ATTEMPTS = 3  # text chunks looked at for that shape before giving up on the stream
+_SEGMENT = 32 * 1024  # bytes of frames mapped at a time (see ChatStreamDecoder._whole_frames)
 
-    __slots__ = ("_sse", "_started", "_blocks", "_next_index", "_open", "_stop", "_usage", "_done")
+
+class ChatStreamDecoder:
+    """Chat completion chunks → canonical events for the first choice.
+
+    Bulk fast path: once a stream has sent a plain text chunk (see ``_PLAIN_TEXT_CHUNK``),
+    its bytes around the content are known, and a run of chunks with exactly those bytes (a
+    read, or a segment of one) is mapped by cutting them off, proving each remainder is one
+    JSON string and parsing all of them in one call, instead of a parse per chunk. Anything
+    else takes the general path, and both give the same events
+    (tests/test_stream_fast_paths.py).
+    """
+
+    __slots__ = ("_sse", "_started", "_blocks", "_next_index", "_open", "_stop", "_usage", "_done", "_frame_head", "_frame_tail", "_learn")
 
     def __init__(self) -> None:
         self._sse = SSESplitter()
@@ -515,12 +543,95 @@ class ChatStreamDecoder:
         self._stop: str | None = None
         self._usage: Usage | None = None
         self._done = False
+        # The bytes before and after the content of this stream's plain text chunks, SSE
+        # framing included, once learned (then the bulk fast path is on).
+        self._frame_head = b""
+        self._frame_tail = b""
+        self._learn = _LEARN_ATTEMPTS
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
+        if self._frame_head or self._learn:
+            frames = self._sse.whole_frames(chunk)
+            if frames is not None:
+                return self._whole_frames(*frames)
         events: list[StreamEvent] = []
         for event_name, data in self._sse.feed(chunk):
             self._frame(event_name, data, events)
         return events
+
+    def _whole_frames(self, whole: bytes, rest: bytes) -> list[StreamEvent]:
+        """The events of the complete frames ``whole`` (LF line ends only), ``rest`` being
+        the partial frame after them: runs of plain text chunks of the learned shape the
+        fast way, anything else frame by frame as :meth:`feed` would."""
+        self._sse.keep(rest)
+        events: list[StreamEvent] = []
+        head, tail = self._frame_head, self._frame_tail
+        if head and whole.find(b"\n\n") == len(whole) - 2:  # one frame, as paced streams come
+            if len(whole) >= len(head) + len(tail) and whole.startswith(head) and whole.endswith(tail):
+                # The general path reads whatever JSON value lies between head and tail as
+                # the content (a string nearly always), so one parse of it is all the proof
+                # needed, unless an LF (JSON whitespace) made the frame two lines.
+                literal = whole[len(head) : len(whole) - len(tail)]
+                if b"\n" not in literal:
+                    try:
+                        text = loads(literal)
+                    except ValueError:
+                        pass  # the general path reports it
+                    else:
+                        if text:
+                            events.append(StreamEvent(EventKind.TEXT, self._blocks["text"], text))
+                        return events
+        # A read is mapped a segment of whole frames at a time: a segment that is not all
+        # plain text chunks (the first of a stream, the last, anything unusual) takes the
+        # general path, and the others need not. Segments of cache size also copy faster
+        # than the hundreds of KB a proxy slower than its backend reads at once.
+        start = 0
+        while start < len(whole):
+            end = whole.find(b"\n\n", start + _SEGMENT)  # the first frame end past the size
+            end = len(whole) if end < 0 else end + 2
+            segment = whole[start:end] if start or end < len(whole) else whole
+            start = end
+            if self._frame_head:  # learned, possibly in an earlier segment of this read
+                texts = self._texts(segment, self._frame_head, self._frame_tail)
+                if texts is not None:
+                    index = self._blocks["text"]
+                    events += [StreamEvent(EventKind.TEXT, index, text) for text in texts if text]
+                    continue
+            for event_name, data in SSESplitter.frames(segment[:-2]):
+                self._frame(event_name, data, events)
+        return events
+
+    @staticmethod
+    def _texts(frames: bytes, head: bytes, tail: bytes) -> list[Any] | None:
+        """The content of each frame in ``frames`` if every one is ``head`` + a JSON string
+        literal + ``tail``, else None."""
+        pieces = frames.split(tail)  # splitting on the long head would cost twice as much
+        if pieces.pop():
+            return None  # the last frame is not a plain text chunk
+        start = len(head)
+        literals = [piece[start:] for piece in pieces]
+        # However they were cut, these are the frames if they rebuild them byte for byte.
+        if head + (tail + head).join(literals) + tail != frames:
+            return None
+        # Joined by LF, which no literal may hold unescaped: if the regex reads the whole
+        # as literals and every LF is one of ours, each piece is exactly one literal, so
+        # each frame was exactly head + literal + tail.
+        joined = b"\n".join(literals)
+        if joined.count(b"\n") != len(literals) - 1 or _STRINGS.fullmatch(joined) is None:
+            return None
+        try:
+            return loads(b"[" + b",".join(literals) + b"]")  # type: ignore[no-any-return]
+        except ValueError:
+            return None  # the general path reports it, at the chunk it is in
+
+    def _learn_frame(self, data: bytes) -> None:
+        """``data``, a chunk the fast path of :meth:`_frame` took: if it has the plain
+        shape, keep the bytes around its content for :meth:`_text_run`."""
+        self._learn -= 1
+        match = _PLAIN_TEXT_CHUNK.fullmatch(data)
+        if match is not None:
+            self._frame_head = b"data: " + data[: match.start(1)]
+            self._frame_tail = data[match.end(1) :] + b"\n\n"
 
     def close(self) -> list[StreamEvent]:
         events: list[StreamEvent] = []
@@ -546,6 +657,7 @@ class ChatStreamDecoder:
         self._close_blocks(events)
         events.append(StreamEvent(EventKind.STOP, stop_reason=self._stop or "end_turn", usage=self._usage))
         self._done = True
+        self._frame_head = b""
 
     def _close_blocks(self, events: list[StreamEvent]) -> None:
         for index in self._open:
@@ -594,6 +706,8 @@ class ChatStreamDecoder:
         if not isinstance(chunk, dict):
             raise ProxyError(502, "upstream sent a stream event that is not a JSON object")
         if self._started and self._text_delta(chunk, events):
+            if self._learn and event_name is None and not self._frame_head:
+                self._learn_frame(data)
             return
         if "error" in chunk and not chunk.get("choices"):
             err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}

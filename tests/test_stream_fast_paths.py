@@ -1,0 +1,317 @@
+"""Differential tests for the decode path's shortcuts: each must give exactly what the
+general path gives, for any input, or step aside.
+
+1. ``ChatStreamDecoder``'s bulk fast path (a read made only of plain text chunks of the
+   stream's learned shape, mapped without a parse per chunk) against the same decoder with
+   the fast path never switched on: the same events for every read, or the same error at
+   the same read, for streams mixing plain text chunks (text with every kind of escape,
+   unicode, control characters) with near misses (broken literals, bad UTF-8, lone
+   surrogates, other envelopes, finish, usage, tool calls, comments, event lines, CRLF),
+   cut at arbitrary offsets.
+2. ``AnthropicStreamEncoder``'s short way for text in the open block: a stream encoded in
+   one batch gives the same bytes as the same stream one event per batch (where the short
+   way is never taken).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import strategies as S
+from llmproxy.canonical import StreamEvent
+from llmproxy.codecs import get_codec, openai_chat
+from llmproxy.codecs.base import SSESplitter
+from llmproxy.codecs.openai_chat import ChatStreamDecoder
+from llmproxy.errors import ProxyError
+from llmproxy.testing import build_flow
+
+MANY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+class CountingDecoder(ChatStreamDecoder):
+    """Counts the frames its general path mapped."""
+
+    __slots__ = ("general_frames",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.general_frames = 0
+
+    def _frame(self, event_name: str | None, data: bytes, events: list[StreamEvent]) -> None:
+        self.general_frames += 1
+        super()._frame(event_name, data, events)
+
+
+def general_decoder() -> ChatStreamDecoder:
+    decoder = ChatStreamDecoder()
+    decoder._learn = 0  # never learns a shape: every read takes the general path
+    return decoder
+
+
+def run(decoder: ChatStreamDecoder, reads: list[bytes]) -> list[Any]:
+    """Per read, its events, or the error that ended the stream there (then nothing more)."""
+    out: list[Any] = []
+    try:
+        for read in reads:
+            out.append(decoder.feed(read))
+        out.append(decoder.close())
+    except ProxyError as error:
+        out.append(("error", error.status, error.message))
+    return out
+
+
+# -- chat streams: plain text chunks and near misses ----------------------------------------
+
+ENVELOPES = [  # what precedes "choices" in real servers' chunks
+    {"id": "chatcmpl-AbC123", "object": "chat.completion.chunk", "created": 1730000000, "model": "gpt-4o-mini", "system_fingerprint": "fp_0ba0d124f1"},
+    {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 0, "model": "m", "system_fingerprint": None},
+    {"id": "c", "object": "chat.completion.chunk", "created": 17, "model": "gpt-5", "service_tier": "default", "system_fingerprint": "fp"},
+    {"id": "c2", "object": "chat.completion.chunk", "created": 5, "model": "llama"},
+]
+
+
+def _literal(draw: st.DrawFn, text: str) -> bytes:
+    """``text`` as a JSON string literal, spelled the way some server might."""
+    how = draw(st.sampled_from(("orjson", "ascii", "utf8", "slashes", "all-u")))
+    if how == "orjson":
+        return orjson.dumps(text)
+    if how == "ascii":
+        return json.dumps(text, ensure_ascii=True).encode()
+    if how == "utf8":
+        return json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    if how == "slashes":
+        return json.dumps(text, ensure_ascii=False).replace("/", "\\/").encode("utf-8", "surrogatepass")
+    return b'"' + "".join(f"\\u{ord(c):04X}" if ord(c) < 0x10000 else c for c in text).encode("utf-8", "surrogatepass") + b'"'
+
+
+BROKEN_LITERALS = [
+    b'"a\nb"', b'"tab\there"', b'"quote"inside"', b'"back\\slash\\"', b'"bad \\x escape"', b'"\\u12"', b'"\\ud800 lone"',
+    b'"\\udc00"', b'"bad utf8 \xff"', b'"cut \xe2\x82"', b'"unterminated', b'unquoted', b'"a","b"', b'"a"  ', b' "a"', b'"a"\n', b'\n"a"', b'\t"a"\r', b'null', b'7', b'{"a":1}', b'[]',
+    b'"\\"escaped quote\\""', b'"\\\\"', b'"\\/"', b'""', b'"\\ud83d\\ude00"', b'"ok"}\n\ndata: {"x":1', b'"a\\\nb"',
+]
+
+
+_anything = st.binary(max_size=8)
+_space = st.sampled_from([b"", b" ", b"\n", b"\t", b"\r", b"\r\n"])
+# What may stand where a plain chunk's content literal should: the list above, any bytes,
+# any bytes in quotes, and JSON values with whitespace around them (an LF makes two lines).
+near_misses = (
+    st.sampled_from(BROKEN_LITERALS)
+    | _anything
+    | _anything.map(lambda raw: b'"' + raw + b'"')
+    | st.tuples(_space, st.sampled_from([b'"a"', b'"\\n"', b"1", b"null", b"[]", b'{"a":"b"}']), _space).map(b"".join)
+)
+
+
+def _chunk(envelope: dict[str, Any], choice: dict[str, Any], **extra: Any) -> bytes:
+    return orjson.dumps({**envelope, "choices": [choice], **extra})
+
+
+@st.composite
+def chat_streams(draw: st.DrawFn) -> bytes:
+    envelope = draw(st.sampled_from(ENVELOPES))
+    usage_null = draw(st.booleans())
+    extra = {"usage": None} if usage_null else {}
+
+    def plain(literal: bytes) -> bytes:
+        head = _chunk(envelope, {"index": 0, "delta": {"content": "\x00"}, "logprobs": None, "finish_reason": None}, **extra)
+        return head.replace(b'"\\u0000"', literal)
+
+    frames = [_chunk(envelope, {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})]
+    texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=8) | st.sampled_from(["", "\n", '"', "\\", "/", "\u2028", "😀", "\x7f", "\x1f"])
+    for _ in range(draw(st.integers(0, 8))):
+        # runs of plain chunks (what the fast path takes), each followed by a near miss or not
+        frames.extend(plain(_literal(draw, draw(texts))) for _ in range(draw(st.integers(0, 6))))
+        kind = draw(st.sampled_from(["plain", "plain", "plain", "broken", "other", "done", "comment", "event"]))
+        if kind == "plain":
+            frames.append(plain(_literal(draw, draw(texts))))
+        elif kind == "broken":
+            frames.append(plain(draw(near_misses)))
+        elif kind == "done":
+            frames.append(b"[DONE]")
+        elif kind == "comment":
+            frames.append(None)  # a comment line of its own
+        elif kind == "event":
+            frames.append(b"event: chunk\ndata: " + plain(orjson.dumps("evented")))
+        else:
+            choice = draw(st.sampled_from([
+                {"index": 0, "delta": {"content": "fin"}, "logprobs": None, "finish_reason": "stop"},
+                {"index": 0, "delta": {"content": "lp"}, "logprobs": {"content": []}, "finish_reason": None},
+                {"index": 1, "delta": {"content": "second choice"}, "logprobs": None, "finish_reason": None},
+                {"index": 0, "delta": {"role": "assistant", "content": "role too"}, "logprobs": None, "finish_reason": None},
+                {"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}]}, "logprobs": None, "finish_reason": None},
+                {"index": 0, "delta": {"reasoning_content": "hmm"}, "logprobs": None, "finish_reason": None},
+                {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"},
+            ]))
+            other = draw(st.sampled_from([envelope, {**envelope, "id": "other"}, {**envelope, "created": 2}]))
+            frames.append(_chunk(other, choice, **draw(st.sampled_from([{}, {"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}]))))
+    if draw(st.booleans()):
+        frames.append(b"[DONE]")
+    out = b"".join(b": keep-alive\n\n" if frame is None else (frame if frame.startswith(b"event:") else b"data: " + frame) + b"\n\n" for frame in frames)
+    eol = draw(st.sampled_from(["lf", "lf", "crlf", "one-crlf"]))
+    if eol == "crlf":
+        out = out.replace(b"\n", b"\r\n")
+    elif eol == "one-crlf" and b"\n\n" in out[:-2]:
+        at = draw(st.sampled_from([i for i in range(len(out) - 2) if out[i : i + 2] == b"\n\n"]))
+        out = out[:at] + b"\r\n\r\n" + out[at + 2 :]
+    return out
+
+
+# Reads are mapped in segments of openai_chat._SEGMENT bytes of whole frames; the tests'
+# streams are small, so they also run with segments of a frame or a few.
+SEGMENTS = [pytest.param(openai_chat._SEGMENT, id="segment-default"), pytest.param(1, id="segment-1"), pytest.param(600, id="segment-600")]
+
+
+@pytest.mark.parametrize("segment", SEGMENTS)
+@settings(MANY, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])  # the patch is the same for every input
+@given(data=st.data())
+def test_chat_bulk_fast_path_equals_general_path(segment: int, data: st.DataObject, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(openai_chat, "_SEGMENT", segment)
+    stream = data.draw(chat_streams())
+    reads = data.draw(st.one_of(_frame_reads(stream), S.splits(stream), st.just([stream])))
+    assert run(ChatStreamDecoder(), reads) == run(general_decoder(), reads)
+
+
+@st.composite
+def _frame_reads(draw: st.DrawFn, stream: bytes) -> list[bytes]:
+    """Reads that end on frame ends, a few frames each: what the fast path most often sees."""
+    frames = [frame + b"\n\n" for frame in stream.split(b"\n\n")[:-1]]
+    reads, i = [], 0
+    while i < len(frames):
+        n = draw(st.integers(1, 5))
+        reads.append(b"".join(frames[i : i + n]))
+        i += n
+    return reads or [stream]
+
+
+def _plain_stream(texts: list[str]) -> list[bytes]:
+    envelope = ENVELOPES[0]
+    frames = [_chunk(envelope, {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})]
+    frames += [_chunk(envelope, {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}) for text in texts]
+    frames.append(_chunk(envelope, {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}))
+    return [b"data: " + frame + b"\n\n" for frame in frames] + [b"data: [DONE]\n\n"]
+
+
+TEXTS = ["Hello", ", wo", "rld", " — ", "😀", "line\nbreak", 'a "quote"', "back\\slash", "", "tab\t", "é", "\u2028", "x" * 300]
+
+
+@pytest.mark.parametrize("per_read", [1, 3, 20])
+def test_fast_path_is_taken_and_agrees(per_read: int) -> None:
+    """A plain stream: after the chunk it learns from, only the read with the finish chunk
+    and [DONE] takes the general path, and the events are the general path's."""
+    frames = _plain_stream(TEXTS * 4)
+    reads = [b"".join(frames[i : i + per_read]) for i in range(0, len(frames), per_read)]
+    decoder = CountingDecoder()
+    assert run(decoder, reads) == run(general_decoder(), reads)
+    # the role chunk, the chunk that begins the text block and the one it learns from take
+    # the general path (and the rest of their read), as does the read with the finish chunk
+    assert decoder.general_frames <= 2 * per_read + 3 < len(frames)
+
+
+@pytest.mark.parametrize("reads_of", [None, 100_000, 7_000])
+def test_big_reads_with_near_misses(reads_of: int | None) -> None:
+    """A 2000-chunk stream (about 400 KB, so many segments per read) with unusual chunks
+    here and there: read whole or in big pieces, the fast path takes the plain segments,
+    learning in the first read, and the events are the general path's."""
+    frames = _plain_stream([f"w{i} " for i in range(2000)])
+    odd = [b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"odd"},"logprobs":null,"finish_reason":null}]}\n\n',
+           b": keep-alive\n\n", frames[1].replace(b'"w0 "', b'"bad \\x"')]
+    for i, at in enumerate(range(300, 2000, 400)):
+        frames.insert(at, odd[i % 2])
+    wire = b"".join(frames)
+    reads = [wire] if reads_of is None else [wire[i : i + reads_of] for i in range(0, len(wire), reads_of)]
+    decoder = CountingDecoder()
+    assert run(decoder, reads) == run(general_decoder(), reads)
+    assert decoder.general_frames < len(frames) // 2
+    broken = b"".join(frames[:900] + [odd[2]] + frames[900:])  # an error at chunk 900: same error
+    error = run(general_decoder(), [broken])[-1]
+    assert error[:2] == ("error", 502) and run(ChatStreamDecoder(), [broken])[-1] == error
+
+
+def test_fast_path_at_every_cut() -> None:
+    """The plain stream cut in two at every byte offset, then in reads of 7 bytes."""
+    frames = _plain_stream(TEXTS)
+    wire = b"".join(frames)
+    learned = b"".join(frames[:3])  # the decoder has learned the shape after these
+    expected = run(general_decoder(), [wire])
+    for offset in range(len(learned), len(wire)):
+        reads = [learned, wire[len(learned) : offset], wire[offset:]]
+        assert run(ChatStreamDecoder(), reads) == run(general_decoder(), reads), offset
+    sevens = [wire[i : i + 7] for i in range(0, len(wire), 7)]
+    assert run(ChatStreamDecoder(), sevens) == run(general_decoder(), sevens)
+    events = [event for batch in expected[:-1] for event in batch]
+    assert "".join(event.text for event in events if event.kind == "text") == "".join(TEXTS)
+
+
+@pytest.mark.parametrize("literal", BROKEN_LITERALS)
+def test_broken_literal_after_learning(literal: bytes) -> None:
+    """Each near miss, in a read that would otherwise take the fast path: the same events
+    or the same error as the general path, in one read and alone."""
+    frames = _plain_stream(["a", "b", "c", "d"])
+    broken = frames[4].replace(b'"d"', literal)
+    for reads in ([b"".join(frames[:4]), frames[3] + broken + frames[3]], [b"".join(frames[:4]), broken, frames[3]]):
+        assert run(ChatStreamDecoder(), reads) == run(general_decoder(), reads)
+
+
+@MANY
+@given(literal=near_misses, before=st.integers(0, 3), after=st.integers(0, 3))
+def test_any_literal_after_learning(literal: bytes, before: int, after: int) -> None:
+    """Whatever stands in a plain chunk's content, once the shape is learned: alone in its
+    read (the one-frame way) and among plain chunks (the bulk way)."""
+    frames = _plain_stream(["a", "b", "c", "d"])
+    odd = frames[4].replace(b'"d"', literal)
+    learned = b"".join(frames[:4])
+    for reads in ([learned, odd], [learned, frames[3] * before + odd + frames[3] * after, frames[3]]):
+        assert run(ChatStreamDecoder(), reads) == run(general_decoder(), reads)
+
+
+@MANY
+@given(at=st.integers(0, 10_000), byte=st.integers(0, 255), before=st.integers(0, 3), after=st.integers(0, 3))
+def test_one_byte_off(at: int, byte: int, before: int, after: int) -> None:
+    """A plain chunk with any one byte changed (another choice index, id or model of the
+    same length, a broken tail …), alone in its read and among plain chunks."""
+    frames = _plain_stream(["a", "b", "c", "d"])
+    at %= len(frames[4])
+    odd = frames[4][:at] + bytes([byte]) + frames[4][at + 1 :]
+    learned = b"".join(frames[:4])
+    for reads in ([learned, odd], [learned, frames[3] * before + odd + frames[3] * after, frames[3]]):
+        assert run(ChatStreamDecoder(), reads) == run(general_decoder(), reads)
+
+
+# -- the SSE splitter's support for it ------------------------------------------------------
+
+def test_whole_frames_and_keep() -> None:
+    splitter = SSESplitter()
+    assert splitter.whole_frames(b"data: 1") is None  # no frame end yet
+    assert splitter.feed(b"data: 1") == []
+    assert splitter.whole_frames(b"\n\ndata: 2\n\ndata: 3") == (b"data: 1\n\ndata: 2\n\n", b"data: 3")
+    assert splitter.feed(b"") == []  # whole_frames changed nothing
+    splitter.keep(b"data: 3")
+    assert splitter.feed(b"\n\n") == [(None, b"3")]
+    assert splitter.whole_frames(b"data: 4\r\n\r\n") is None  # CR: the general path's business
+    assert splitter.feed(b"data: 4\r") == []
+    assert splitter.whole_frames(b"\n\r\n") is None  # the LF of a split CRLF is pending
+
+
+# -- the Anthropic encoder's short way for text ---------------------------------------------
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_anthropic_text_short_way_equals_one_event_per_batch(data: st.DataObject) -> None:
+    events = data.draw(S.event_streams("anthropic"))
+    # text of the open block in runs, and text for a block that is not open (a processor's doing)
+    extra = data.draw(st.lists(st.tuples(st.integers(0, len(events)), st.integers(0, 3), st.text(max_size=4)), max_size=6))
+    for at, index, text in sorted(extra, reverse=True):
+        events.insert(at, StreamEvent("text", index, text))
+    codec = get_codec("anthropic")
+    flow = build_flow({"model": "m", "max_tokens": 8, "stream": True, "messages": [{"role": "user", "content": "hi"}]}, frontend="anthropic")
+    one_batch = codec.stream_encoder(flow)
+    one_by_one = codec.stream_encoder(flow)
+    one_by_one._id = one_batch._id  # message ids are minted per stream
+    assert one_batch.encode(list(events)) == b"".join(one_by_one.encode([event]) for event in events)
