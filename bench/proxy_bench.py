@@ -488,14 +488,23 @@ def stream_start(flow):
 '''
 
 
-def write_llmproxy_config(path: Path, port: int, backend_url: str, plugins: dict[str, bool], noop_processor: bool = False) -> None:
+def write_llmproxy_config(path: Path, port: int, backend_url: str, plugins: dict[str, bool], noop_processor: bool = False, alias: int = 0) -> None:
     # JSON is YAML; written as JSON so this script needs no YAML library.
+    backend = {"type": "openai", "base_url": backend_url + "/v1", "timeout": {"connect": 5, "read": 60}}
     config: dict[str, Any] = {
         "proxy": {"host": "127.0.0.1", "port": port, "log_level": "warning", "drain_timeout": 5},
-        "backends": {"fake": {"type": "openai", "base_url": backend_url + "/v1", "timeout": {"connect": 5, "read": 60}}},
+        "backends": {"fake": backend},
         "default_backend": "fake",
         "plugins": {name: {"enabled": builtin} for name, builtin in plugins.items()},
     }
+    if alias:
+        # --alias N: the model the load asks for is an alias over N backends (the same fake
+        # server), round robin, each target with an rpm window and every backend its
+        # breaker: the routing, limiter and breaker bookkeeping of every request.
+        for i in range(1, alias + 1):
+            config["backends"][f"fake{i}"] = {**backend, "rpm": 10_000_000}
+        config["models"] = {MODEL: {"strategy": "round_robin",
+                                    "targets": [{"target": f"fake{i}:{MODEL}", "rpm": 10_000_000} for i in range(1, alias + 1)]}}
     if noop_processor:
         (path.parent / f"{NOOP_PROCESSOR_PLUGIN}.py").write_text(NOOP_PROCESSOR_SOURCE)
         config["plugins"]["load"] = [NOOP_PROCESSOR_PLUGIN]
@@ -1077,6 +1086,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="cross-protocol: the load generator speaks Anthropic Messages (POST /v1/messages) and llmproxy "
                              "translates to and from its OpenAI Chat backend; the bare proxy cannot translate and forwards "
                              "the same request to the backend, which answers in OpenAI Chat")
+    parser.add_argument("--without", action="append", default=[], metavar="PLUGIN",
+                        help="disable this built-in plugin (repeatable), to see what it costs")
+    parser.add_argument("--alias", type=int, default=0, metavar="N",
+                        help="route the load through an alias of N targets (round robin, rpm windows, breakers) instead of the default backend")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs and logs)")
     parser.add_argument("--json", metavar="FILE", help="also write every slice and the summary as JSON")
     args = parser.parse_args(argv)
@@ -1108,6 +1121,10 @@ def main(argv: list[str] | None = None) -> int:
     spawner = Spawner(workdir, use_taskset=not args.no_taskset)
     me = str(Path(__file__).resolve())
     plugins = entry_point_plugins()
+    for name in args.without:
+        if name not in plugins:
+            parser.error(f"--without {name}: no such plugin (installed: {', '.join(sorted(plugins))})")
+        plugins[name] = False
     enabled = [name for name, builtin in plugins.items() if builtin]
     disabled = [name for name, builtin in plugins.items() if not builtin]
     print(f"llmproxy bench: {args.rounds} rounds, concurrency {args.concurrency}; built-in plugins enabled: {', '.join(enabled) or 'none'}"
@@ -1125,7 +1142,7 @@ def main(argv: list[str] | None = None) -> int:
 
         port = free_port()
         config = workdir / "llmproxy.yaml"
-        write_llmproxy_config(config, port, backend_url, plugins, args.noop_processor)
+        write_llmproxy_config(config, port, backend_url, plugins, args.noop_processor, args.alias)
         plugin_info = describe_plugins(args, config)
         chains = {hook: order for hook, order in plugin_info.get("chains", {}).items() if order}
         print("flow hook chains: " + ("; ".join(f"{hook}: {' → '.join(order)}" for hook, order in chains.items()) or "none"), flush=True)

@@ -60,6 +60,7 @@ class Inspector:
     hub: Hub
     live: LiveFlows
     history: History
+    recording: bool = False  # flows are tracked (``record``: always, or since the UI was first opened)
 
     def traces(self) -> bool:
         mode = self.settings.trace
@@ -110,6 +111,7 @@ async def startup(context: "ProxyContext") -> None:
         hub,
         LiveFlows(settings.recent, hub, settings.details),
         history,
+        recording=settings.record == "always" or settings.history_path is not None,
     )
     where = f"http://{'127.0.0.1' if proxy.host in ('0.0.0.0', '::') else proxy.host}:{proxy.port}/ui/"
     if generated:
@@ -131,7 +133,7 @@ async def shutdown(context: "ProxyContext") -> None:
 def request(flow: "Flow") -> None:
     # tryfirst: the flow shows as in flight, and tracing covers every plugin after this one.
     inspector: Inspector | None = flow.context.state.get(NAME) if flow.context is not None else None
-    if inspector is None:
+    if inspector is None or not inspector.recording:
         return
     if inspector.captures():
         flow.record_wire()
@@ -146,7 +148,7 @@ def flow_done(flow: "Flow") -> None:
     # decode its answer (see live.Finished) without racing another plugin.
     context = flow.context
     inspector: Inspector | None = context.state.get(NAME) if context is not None else None
-    if inspector is None:
+    if inspector is None or not inspector.recording:
         return
     settings = inspector.settings
     inspector.history.add(inspector.live.finished(flow, settings.history_path is not None, flow.sent is not None))

@@ -81,6 +81,7 @@ def guarded(context: "ProxyContext", handler: Handler, login: bool = False) -> C
                 auth = "login"
             else:
                 auth = inspector.guard.check(request)
+                inspector.recording = True  # the UI or the API is in use: record flows from now on (``record``)
             return await handler(request, inspector, auth)
         except Refused as refused:
             return problem(refused.status, refused.message)
@@ -154,6 +155,7 @@ async def login(request: web.Request, inspector: "Inspector", auth: str) -> web.
     if not isinstance(key, str) or not inspector.guard.key_matches(key):
         await inspector.audit.record(request, auth, "login", status=401)
         raise Refused(401, "invalid admin key")
+    inspector.recording = True  # the UI is open: record flows from now on (``record``)
     response = reply({"ok": True})
     response.set_cookie(COOKIE, inspector.guard.login(), httponly=True, samesite="Strict", path="/", max_age=int(inspector.guard.login_ttl))
     await inspector.audit.record(request, auth, "login")

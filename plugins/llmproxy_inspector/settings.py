@@ -31,6 +31,11 @@ class InspectorSettings(BaseModel):
         description="Host names (without port) accepted in the Host header besides localhost, 127.0.0.1, ::1 and "
         "the bind address; any other Host is refused (a DNS-rebinding defence).",
     )
+    record: Literal["opened", "always"] = Field(
+        "opened",
+        description="opened: record flows from the first time the UI or the admin API is used with the admin key (until "
+        "then the inspector costs nothing per request); always: from start-up. A history_path records always.",
+    )
     trace: Literal["always", "watched", "never"] = Field(
         "watched",
         description="Record what each plugin changes in the canonical request and response (the per-plugin diffs): "

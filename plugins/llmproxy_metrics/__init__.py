@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -67,6 +67,11 @@ class MetricsSettings(BaseModel):
         "this decodes each such stream once after it ended (about 1 µs per event); off, their tokens are counted only "
         "when another plugin (history, capture) has decoded the answer anyway. Non-streamed and re-encoded answers are always counted.",
     )
+    collect: Literal["scraped", "always"] = Field(
+        "scraped",
+        description="scraped: count flows from the first successful scrape of the metrics on (until then the plugin costs "
+        "nothing per request; Prometheus reads the start as a counter reset); always: from start-up.",
+    )
     latency_buckets: list[float] = Field(LATENCY_BUCKETS, min_length=1, description="Upper bounds, in seconds, of llmproxy_request_duration_seconds.")
     ttft_buckets: list[float] = Field(TTFT_BUCKETS, min_length=1, description="Upper bounds, in seconds, of llmproxy_time_to_first_token_seconds.")
 
@@ -95,11 +100,14 @@ class MetricsState:
     flows: FlowMetrics
     token: bytes | None
     loopback_only: bool
+    active: bool = True  # counting flows (``collect``: from start-up, or since the first scrape)
 
 
 def _state(flow: "Flow") -> MetricsState | None:
+    """The proxy's metrics state while it counts flows, else None."""
     context = flow.context
-    return context.state.get(NAME) if context is not None else None
+    state = context.state.get(NAME) if context is not None else None
+    return state if state is not None and state.active else None
 
 
 # -- hooks -------------------------------------------------------------------------------------
@@ -122,7 +130,7 @@ def configure(settings: MetricsSettings, context: "ProxyContext") -> None:
     registry = CollectorRegistry(auto_describe=True)
     flows = FlowMetrics(registry, settings.max_models, sorted(settings.latency_buckets), sorted(settings.ttft_buckets), settings.stream_tokens)
     registry.register(BackendStatusCollector(context.backend_status))
-    context.state[NAME] = MetricsState(registry, flows, token, context.config.proxy.is_loopback())
+    context.state[NAME] = MetricsState(registry, flows, token, context.config.proxy.is_loopback(), settings.collect == "always")
 
 
 @hookimpl
@@ -140,6 +148,7 @@ def register_routes(register: Any, context: "ProxyContext") -> None:
             kind = "authentication_error" if status == 401 else "permission_error"
             headers = {"WWW-Authenticate": 'Bearer realm="llmproxy metrics"'} if status == 401 else None
             return web.json_response({"error": {"message": message, "type": kind}}, status=status, headers=headers)
+        state.active = True  # someone reads them: count from now on
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(state.registry), headers={"Content-Type": content_type})
 

@@ -57,7 +57,7 @@ def config(tmp_path: Path, fake: FakeOpenAI | None = None, **inspector: Any) -> 
     }
     if fake is not None:
         backends["up"] = {"type": "openai", "base_url": fake.base_url, "api_keys": ["${INSPECTOR_UPSTREAM_KEY}"]}
-    settings = {"admin_key": "${LLMPROXY_ADMIN_KEY}", "trace": "always", "capture_bodies": "always",
+    settings = {"admin_key": "${LLMPROXY_ADMIN_KEY}", "trace": "always", "capture_bodies": "always", "record": "always",
                 "history_path": str(tmp_path / "history.sqlite3"), **inspector}
     return {"proxy": {"drain_timeout": 1}, "backends": backends, "default_backend": "alpha", "plugins": {"inspector": settings}}
 
@@ -628,3 +628,18 @@ async def test_details_come_from_memory_or_from_the_history_on_disk(start: Start
     assert (await get(http, proxy, f"/admin/api/flows/{newest['id']}"))[1]["request"]["body"]["messages"][0]["content"] == "second"
     old = (await get(http, proxy, f"/admin/api/flows/{oldest['id']}"))[1]
     assert old["summary"]["id"] == oldest["id"] and "request" not in old
+
+
+async def test_by_default_flows_are_recorded_from_the_first_use_of_the_admin_api(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    settings = config(tmp_path)
+    settings["plugins"]["inspector"] = {"admin_key": "${LLMPROXY_ADMIN_KEY}"}  # the defaults: record: opened, no history file
+    proxy = await start(settings)
+    assert await ask(proxy, "unseen") == "answer from alpha"
+    assert proxy.context.state["inspector"].recording is False
+    status, body = await get(http, proxy, "/admin/api/flows", headers={})  # no key: refused, and still not recording
+    assert status == 401 and proxy.context.state["inspector"].recording is False
+    status, body = await get(http, proxy, "/admin/api/flows")
+    assert status == 200 and body["flows"] == []  # the flow before was not recorded
+    assert await ask(proxy, "seen") == "answer from alpha"
+    status, body = await get(http, proxy, "/admin/api/flows")
+    assert [f["status"] for f in body["flows"]] == [200]

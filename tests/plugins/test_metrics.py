@@ -87,7 +87,7 @@ def config(good: FakeOpenAI, bad: FakeOpenAI, **metrics: Any) -> dict[str, Any]:
         "backends": {"good": backend(good), "bad": backend(bad)},
         "default_backend": "good",
         "models": {"duo": {"targets": ["bad:gpt-4o-mini", "good:gpt-4o-mini"]}},
-        "plugins": {"metrics": metrics} if metrics else {},
+        "plugins": {"metrics": {"collect": "always", **metrics}},
     }
 
 
@@ -242,7 +242,8 @@ async def test_stream_tokens_are_free_once_another_plugin_read_the_answer(fake_o
     # if metrics were not trylast: then the stream's tokens would not be counted.
     history = History()
     proxy = await start_proxy(
-        {"backends": {"good": backend(fake_openai)}, "default_backend": "good", "proxy": {"drain_timeout": 1}},
+        {"backends": {"good": backend(fake_openai)}, "default_backend": "good", "proxy": {"drain_timeout": 1},
+         "plugins": {"metrics": {"collect": "always"}}},
         plugins=[("openai", llmproxy_openai), ("history", history), ("metrics", llmproxy_metrics)], entry_points=False,
     )
     try:
@@ -412,3 +413,17 @@ async def test_breaker_and_rate_windows_of_real_traffic_are_scraped(
     assert m.value("llmproxy_backend_breaker_state", backend="good", target="good:gpt-4o-mini", state="closed") == 1
     assert m.value("llmproxy_backend_rate_used", backend="good", window="rpm") == 2
     assert m.value("llmproxy_backend_rate_limit", backend="good", window="rpm") == 100
+
+
+async def test_by_default_flows_are_counted_from_the_first_scrape_on(
+    start: Start, http: aiohttp.ClientSession, fake_openai: FakeOpenAI, second_fake: FakeOpenAI
+) -> None:
+    settings = config(fake_openai, second_fake)
+    settings["plugins"] = {}  # the defaults: collect: scraped
+    proxy = await start(settings)
+    client = openai_client(proxy)
+    await client.chat.completions.create(model="gpt-4o-mini", messages=HI)  # type: ignore[arg-type]
+    assert (await scrape(http, proxy)).value("llmproxy_requests_total") == 0  # before anyone read the metrics
+    for _ in range(2):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=HI)  # type: ignore[arg-type]
+    assert (await scrape(http, proxy)).value("llmproxy_requests_total") == 2

@@ -204,13 +204,15 @@ async def test_top_against_a_real_llmproxy_with_the_inspector(monkeypatch: pytes
         "proxy": {"drain_timeout": 0},
         "backends": {"offline": {"type": "offline"}},
         "default_backend": "offline",
-        "plugins": {"inspector": {"admin_key": "${TOP_ADMIN_KEY}"}},
+        "plugins": {"inspector": {"admin_key": "${TOP_ADMIN_KEY}"}},  # record: opened — top's first call turns it on
     }
     monkeypatch.setenv("TOP_ADMIN_KEY", ADMIN_KEY)
     proxy = await start_proxy(config, plugins=[("offline", llmproxy_offline), ("inspector", llmproxy_inspector)], entry_points=False)
     try:
         import aiohttp
 
+        code, out, err = await top("--json", "--url", proxy.url, "--admin-key", ADMIN_KEY)
+        assert code == 0 and json.loads(out)["flows"] == [], err  # nothing recorded before the admin API was used
         async with aiohttp.ClientSession() as http:
             for text in ("first", "second"):
                 body = {"model": "any", "messages": [{"role": "user", "content": text}]}
