@@ -92,9 +92,7 @@ def _target(ctx: "ProxyContext", target: Any, needs: Any, flow: Flow, now: float
     elif breaker_state["state"] == HALF_OPEN:
         notes.append("breaker: half-open, the next request is a trial")
     tokens = estimate_tokens(flow)
-    windows = [("target", target.window)]
-    if settings.rpm or settings.tpm:
-        windows.append(("backend", ctx.health.window(f"backends.{target.backend}", settings.rpm, settings.tpm)))
+    windows = [("target", target.window), ("backend", target.backend_window)]
     limits = {}
     for scope, window in windows:
         if window is None:

@@ -340,7 +340,7 @@ async def _try_targets(
             if not breaker.allows(now):
                 skipped.append((target, f"circuit breaker open ({breaker.last_kind}), retry in {breaker.retry_in(now):.1f}s", breaker.retry_in(now)))
                 break
-            wait = _over_limits(flow, ctx, target, now) if (target.window is not None or settings.rpm or settings.tpm) else 0.0
+            wait = _over_limits(flow, target, now) if (target.window is not None or target.backend_window is not None) else 0.0
             if wait:
                 breaker.abandoned()
                 skipped.append((target, f"over its rate limit, frees up in {wait:.1f}s", wait))
@@ -416,22 +416,20 @@ def _time_left(attempt: float | None, deadline: float | None) -> float | None:
     return left if attempt is None else min(attempt, left)
 
 
-def _over_limits(flow: Flow, ctx: ProxyContext, target: Any, now: float) -> float:
+def _over_limits(flow: Flow, target: Any, now: float) -> float:
     """0 when the target's and its backend's rate windows take this request (which is then
     counted in them), else the seconds until they would."""
-    settings = target.provider.settings
-    backend_window = ctx.health.window(f"backends.{target.backend}", settings.rpm, settings.tpm) if (settings.rpm or settings.tpm) else None
-    window = target.window
-    if window is None and backend_window is None:
-        return 0.0
+    windows = [w for w in (target.window, target.backend_window) if w is not None]
     tokens = estimate_tokens(flow)
-    wait = max(window.wait(now, tokens) if window is not None else 0.0, backend_window.wait(now, tokens) if backend_window is not None else 0.0)
+    wait = max(w.wait(now, tokens) for w in windows)
     if wait > 0:
         return wait
-    admitted = [w.admit(now, tokens) for w in (window, backend_window) if w is not None]
-    if flow.routing is None:
-        flow.routing = {}
-    flow.routing["rate_entries"] = list(zip([w for w in (window, backend_window) if w is not None], admitted))
+    for window in windows:
+        window.admit(now, tokens)
+        if window.tpm is not None:  # settled with the answer's usage when the flow ends
+            if flow.routing is None:
+                flow.routing = {}
+            flow.routing.setdefault("rate_entries", []).append((window, tokens))
     return 0.0
 
 
@@ -449,15 +447,15 @@ def _nothing_served(flow: Flow, skipped: list[tuple[Any, str, float]]) -> ProxyE
 def settle_rate_limits(flow: Flow) -> None:
     """Replace the estimated tokens counted for ``tpm`` with the flow's reported usage."""
     entries = flow.routing.pop("rate_entries", None) if flow.routing is not None else None
-    if not entries or not any(window.tpm for window, _ in entries):
+    if not entries:
         return
     response = flow.response if flow.error is None else None
     usage = response.usage if response is not None else None
     if usage is None or not (usage.input_tokens or usage.output_tokens):
         return
     used = (usage.input_tokens or 0) + (usage.output_tokens or 0)
-    for window, entry in entries:
-        window.settle(entry, used)
+    for window, estimate in entries:
+        window.settle(estimate, used)
 
 
 async def _fail(flow: Flow, ctx: ProxyContext, writer: "Writer", error: ProxyError) -> None:

@@ -109,56 +109,66 @@ class Breaker:
 
 class RateWindow:
     """Requests and tokens of the last ``span`` seconds (a sliding log; 60 unless
-    ``proxy.rate_window`` says otherwise), against ``rpm``/``tpm``."""
+    ``proxy.rate_window`` says otherwise), against ``rpm``/``tpm``.
 
-    __slots__ = ("rpm", "tpm", "span", "log", "tokens")
+    The log holds floats and tuples of floats only: objects the cyclic garbage collector
+    does not walk, though a busy window holds tens of thousands of them."""
+
+    __slots__ = ("rpm", "tpm", "span", "times", "spent", "tokens")
 
     def __init__(self, rpm: int | None, tpm: int | None, span: float = 60.0) -> None:
         self.rpm = rpm
         self.tpm = tpm
         self.span = span
-        self.log: deque[list[float]] = deque()  # [time, tokens] per admitted request
+        self.times: deque[float] = deque()  # when each admitted request began
+        self.spent: deque[tuple[float, float]] = deque()  # (time, tokens), with tpm only
         self.tokens = 0.0
 
     def _prune(self, now: float) -> None:
-        log, horizon = self.log, now - self.span
-        while log and log[0][0] <= horizon:
-            self.tokens -= log.popleft()[1]
+        horizon = now - self.span
+        times = self.times
+        while times and times[0] <= horizon:
+            times.popleft()
+        spent = self.spent
+        while spent and spent[0][0] <= horizon:
+            self.tokens -= spent.popleft()[1]
 
     def wait(self, now: float, tokens: float) -> float:
         """Seconds until a request of ``tokens`` fits (0: it fits now)."""
         self._prune(now)
-        log = self.log
-        if self.rpm is not None and len(log) >= self.rpm:
-            return log[len(log) - self.rpm][0] + self.span - now
-        if self.tpm is not None and log and self.tokens + tokens > self.tpm:
+        times = self.times
+        if self.rpm is not None and len(times) >= self.rpm:
+            return times[len(times) - self.rpm] + self.span - now
+        spent = self.spent
+        if self.tpm is not None and spent and self.tokens + tokens > self.tpm:
             # wait until enough of the oldest entries have left the window (a request larger
             # than the whole budget goes through an empty window alone)
             excess = self.tokens + tokens - self.tpm
-            for at, used in log:
+            for at, used in spent:
                 excess -= used
                 if excess <= 0:
                     return at + self.span - now
-            return log[-1][0] + self.span - now
+            return spent[-1][0] + self.span - now
         return 0.0
 
-    def admit(self, now: float, tokens: float) -> list[float]:
-        entry = [now, tokens]
-        self.log.append(entry)
-        self.tokens += tokens
-        return entry
+    def admit(self, now: float, tokens: float) -> None:
+        self.times.append(now)
+        if self.tpm is not None:
+            self.spent.append((now, tokens))
+            self.tokens += tokens
 
-    def settle(self, entry: list[float], tokens: float) -> None:
-        """Replace an admitted request's estimate with what it really used."""
-        if self.log and entry[0] > time.monotonic() - self.span:
-            self.tokens += tokens - entry[1]
-        entry[1] = tokens
+    def settle(self, estimate: float, tokens: float) -> None:
+        """A request counted with ``estimate`` tokens really used ``tokens``: the difference
+        is counted from now on (and leaves the window ``span`` seconds from now)."""
+        if self.tpm is not None and tokens != estimate:
+            self.spent.append((time.monotonic(), tokens - estimate))
+            self.tokens += tokens - estimate
 
     def status(self, now: float) -> dict[str, Any]:
         self._prune(now)
         status: dict[str, Any] = {}
         if self.rpm is not None:
-            status["rpm"] = {"used": len(self.log), "limit": self.rpm}
+            status["rpm"] = {"used": len(self.times), "limit": self.rpm}
         if self.tpm is not None:
             status["tpm"] = {"used": int(self.tokens), "limit": self.tpm}
         return status

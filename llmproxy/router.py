@@ -42,6 +42,7 @@ class Target:
     provider: "Provider"
     key_index: int | None = field(default=None, compare=False)  # a pinned key (no rotation)
     window: "RateWindow | None" = field(default=None, compare=False, repr=False)  # the alias target's rpm/tpm
+    backend_window: "RateWindow | None" = field(default=None, compare=False, repr=False)  # the backend's rpm/tpm
     declared: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # capabilities the config declares
     label: str = field(init=False, compare=False, repr=False)  # "backend:model", built once
 
@@ -76,7 +77,8 @@ class Alias:
             backend, _, model = entry.target.partition(":")
             provider = providers[backend]
             window = health.window(f"models.{name}[{i}]", entry.rpm, entry.tpm) if health is not None else None
-            targets.append(Target(backend, model, provider, _key_index(provider, entry, f"models.{name}.targets[{i}].key"), window, declared_capabilities(provider, entry)))
+            targets.append(Target(backend, model, provider, _key_index(provider, entry, f"models.{name}.targets[{i}].key"), window,
+                                  backend_window(provider, health), declared_capabilities(provider, entry)))
         self.targets: tuple[Target, ...] = tuple(targets)
         # orders[i]: target i first, then the others as listed.
         self.orders: tuple[tuple[Target, ...], ...] = tuple(
@@ -90,6 +92,14 @@ class Alias:
         self.cumulative = cumulative
         self.current = [0.0] * len(self.targets)  # smooth weighted round robin state
         self.turn = 0  # round robin position
+
+
+def backend_window(provider: "Provider", health: "Health | None") -> "RateWindow | None":
+    """The backend's own rpm/tpm window (shared by all its targets), when it has limits."""
+    settings = provider.settings
+    if health is None or (settings.rpm is None and settings.tpm is None):
+        return None
+    return health.window(f"backends.{provider.name}", settings.rpm, settings.tpm)
 
 
 def _key_index(provider: "Provider", entry: "AliasTarget", path: str) -> int | None:
@@ -117,6 +127,7 @@ class Router:
         # failover around each attempt (a stream counts until it is closed).
         self.inflight: dict[str, int] = {}
         self.random = rng or random.Random()
+        self.health = health
         # Names routed without an alias (backend:model, or bare to the default backend) →
         # their one target, so a busy name is not rebuilt per request; bounded, as clients
         # choose the names.
@@ -239,7 +250,7 @@ class Router:
         provider = self.providers[backend]
         if not provider.accepts_model(model):
             raise self._unknown(asked, f"backend {backend!r} serves only {', '.join(provider.models)}")
-        return Target(backend, model, provider, declared=declared_capabilities(provider))
+        return Target(backend, model, provider, backend_window=backend_window(provider, self.health), declared=declared_capabilities(provider))
 
     def _unknown(self, name: str, why: str) -> ProxyError:
         known = [alias.name for _, alias in self.patterns] + self.known_models()
