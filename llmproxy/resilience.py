@@ -135,11 +135,17 @@ class RateWindow:
 
     def wait(self, now: float, tokens: float) -> float:
         """Seconds until a request of ``tokens`` fits (0: it fits now)."""
-        self._prune(now)
+        horizon = now - self.span
         times = self.times
-        if self.rpm is not None and len(times) >= self.rpm:
-            return times[len(times) - self.rpm] + self.span - now
+        while times and times[0] <= horizon:
+            times.popleft()
         spent = self.spent
+        if spent:
+            while spent and spent[0][0] <= horizon:
+                self.tokens -= spent.popleft()[1]
+        rpm = self.rpm
+        if rpm is not None and len(times) >= rpm:
+            return times[len(times) - rpm] + self.span - now
         if self.tpm is not None and spent and self.tokens + tokens > self.tpm:
             # wait until enough of the oldest entries have left the window (a request larger
             # than the whole budget goes through an empty window alone)
@@ -152,6 +158,7 @@ class RateWindow:
         return 0.0
 
     def admit(self, now: float, tokens: float) -> None:
+        """Count a request that begins now (after :meth:`wait` said it fits)."""
         self.times.append(now)
         if self.tpm is not None:
             self.spent.append((now, tokens))
