@@ -250,12 +250,12 @@ async def call_chain(impls: list[Impl], stop: Callable[[], bool] | None = None, 
         if flow is not None and flow.changes is not None:
             await _call_traced(impls[index:], stop, skip, flow, kwargs)
             return
-        if impl.plugin in skip:
+        if skip and impl.plugin in skip:
             continue
         try:
             # most implementations take just the flow and return None: skip the general work
             if impl.argnames == _FLOW_ONLY:
-                result = impl.function(kwargs["flow"])
+                result = impl.function(flow)
             else:
                 result = impl.function(*[kwargs[a] for a in impl.argnames])
             if result is not None and inspect.isawaitable(result):

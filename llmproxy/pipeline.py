@@ -266,7 +266,7 @@ def _restream(reply: UpstreamReply) -> UpstreamStream:
     return UpstreamStream(reply.protocol, whole=reply.body or b"")
 
 
-async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Awaitable[Any]], scheduled: bool = True) -> Any:
+async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Awaitable[Any]], scheduled: bool = True, waited_until: float | None = None) -> Any:
     """``attempt(target)`` for the flow's targets in order until one succeeds.
 
     Per target: skipped when the config declares it cannot serve the request, when it is
@@ -277,43 +277,12 @@ async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Await
     target was skipped, the client gets a 429 or 503 saying why, with a Retry-After.
     ``scheduled``: the attempt takes one of the backend's slots (``max_concurrency``);
     False for light calls (token counts) that must not queue behind generations.
+    One pass over the targets, written in one function: it runs for every request.
     """
     targets = ctx.router.route(flow.model)  # the alias's strategy picks the first
     proxy = ctx.config.proxy
     deadline = flow.started + proxy.total_timeout if proxy.total_timeout is not None else None
-    waited_until = None
-    while True:
-        skipped: list[tuple[Any, str, float]] = []  # (target, why, seconds until it may serve)
-        served = await _try_targets(flow, ctx, attempt, targets, deadline, skipped, scheduled)
-        if served is not _ALL_SKIPPED:
-            return served
-        error = _nothing_served(flow, skipped)
-        # rate_limit_wait: every target is only over its rate limit, so wait (in a bounded
-        # queue) for the first to free up rather than answer 429 at once.
-        now = time.monotonic()
-        if error.status != 429 or proxy.rate_limit_wait <= 0:
-            raise error
-        waited_until = waited_until or now + proxy.rate_limit_wait
-        if deadline is not None:
-            waited_until = min(waited_until, deadline)
-        wait = min(seconds for _, _, seconds in skipped if seconds >= 0)
-        health = ctx.health
-        if now + wait > waited_until or health.waiting >= proxy.rate_limit_queue:
-            raise error
-        health.waiting += 1
-        try:
-            await asyncio.sleep(wait + 0.001)
-        finally:
-            health.waiting -= 1
-
-
-async def _try_targets(
-    flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Awaitable[Any]], targets: Any, deadline: float | None,
-    skipped: list[tuple[Any, str, float]], scheduled: bool,
-) -> Any:
-    """One pass over ``targets``: the answer, or ``_ALL_SKIPPED`` when every target was
-    skipped (each with its reason in ``skipped``); the last error when targets were tried
-    and failed."""
+    skipped: list[tuple[Any, str, float]] = []  # (target, why, seconds until it may serve)
     router = ctx.router
     last_error: ProxyError | None = None
     needs = None
@@ -403,10 +372,25 @@ async def _try_targets(
             break
     if last_error is not None:
         raise last_error
-    return _ALL_SKIPPED
-
-
-_ALL_SKIPPED = object()
+    error = _nothing_served(flow, skipped)
+    # rate_limit_wait: every target is only over its rate limit, so wait (in a bounded queue)
+    # for the first to free up rather than answer 429 at once, then route again.
+    now = time.monotonic()
+    if error.status != 429 or proxy.rate_limit_wait <= 0:
+        raise error
+    waited_until = waited_until or now + proxy.rate_limit_wait
+    if deadline is not None:
+        waited_until = min(waited_until, deadline)
+    wait = min(seconds for _, _, seconds in skipped if seconds >= 0)
+    health = ctx.health
+    if now + wait > waited_until or health.waiting >= proxy.rate_limit_queue:
+        raise error
+    health.waiting += 1
+    try:
+        await asyncio.sleep(wait + 0.001)
+    finally:
+        health.waiting -= 1
+    return await failover(flow, ctx, attempt, scheduled, waited_until)
 
 
 def _time_left(attempt: float | None, deadline: float | None) -> float | None:
