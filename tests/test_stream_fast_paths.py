@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import strategies as S
-from llmproxy.canonical import StreamEvent
+from llmproxy.canonical import EventKind, StreamEvent
 from llmproxy.codecs import get_codec, openai_chat
 from llmproxy.codecs.base import SSESplitter
 from llmproxy.codecs.openai_chat import ChatStreamDecoder
@@ -54,12 +54,27 @@ def general_decoder() -> ChatStreamDecoder:
     return decoder
 
 
+def joined_texts(events: list[StreamEvent]) -> list[StreamEvent]:
+    """``events`` with each run of text events of one block made one: the bulk fast path
+    passes on the text of a read's run of plain chunks as one delta, the general path one
+    per chunk, and that is the only difference allowed between them."""
+    out: list[StreamEvent] = []
+    for event in events:
+        last = out[-1] if out else None
+        if last is not None and event.kind == last.kind == EventKind.TEXT and event.index == last.index:
+            out[-1] = StreamEvent(EventKind.TEXT, last.index, last.text + event.text)
+        else:
+            out.append(event)
+    return out
+
+
 def run(decoder: ChatStreamDecoder, reads: list[bytes]) -> list[Any]:
-    """Per read, its events, or the error that ended the stream there (then nothing more)."""
+    """Per read, its events (runs of text joined, see :func:`joined_texts`), or the error
+    that ended the stream there (then nothing more)."""
     out: list[Any] = []
     try:
         for read in reads:
-            out.append(decoder.feed(read))
+            out.append(joined_texts(decoder.feed(read)))
         out.append(decoder.close())
     except ProxyError as error:
         out.append(("error", error.status, error.message))
@@ -285,6 +300,33 @@ def test_one_byte_off(at: int, byte: int, before: int, after: int) -> None:
 
 
 # -- the SSE splitter's support for it ------------------------------------------------------
+
+def test_a_read_of_plain_chunks_is_one_delta() -> None:
+    """The point of the bulk fast path: a read of 100 plain chunks after the learned one
+    becomes one text event holding their text, in order, not 100 events."""
+    texts = [f"w{i} " for i in range(104)]
+    frames = _plain_stream(texts)
+    decoder = ChatStreamDecoder()
+    first = decoder.feed(b"".join(frames[:5]))  # role chunk, then plain ones: learns the shape
+    bulk = decoder.feed(b"".join(frames[5:-2]))
+    assert [event.kind for event in bulk] == [EventKind.TEXT]
+    rest = decoder.feed(b"".join(frames[-2:])) + decoder.close()
+    assert "".join(e.text for e in first + bulk + rest if e.kind == EventKind.TEXT) == "".join(texts)
+
+
+@pytest.mark.parametrize(
+    ("content", "text"),
+    [([{"type": "text", "text": "he"}, {"type": "image_url"}, {"type": "text", "text": "llo"}], "hello"), (7, "7"), ({"a": 1}, '{"a":1}')],
+)
+def test_content_that_is_not_a_string_becomes_text(content: Any, text: str) -> None:
+    """Some servers stream a list of content parts; whatever comes, a client gets a string."""
+    envelope = ENVELOPES[0]
+    frames = _plain_stream(["a"])
+    odd = b"data: " + _chunk(envelope, {"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": None}) + b"\n\n"
+    for reads in ([b"".join(frames[:2]), odd, b"".join(frames[2:])], [b"".join(frames[:2]) + odd + b"".join(frames[2:])]):
+        events = [event for read in run(ChatStreamDecoder(), reads) for event in read]
+        assert [e.text for e in events if e.kind == EventKind.TEXT] in (["a", text], ["a" + text])
+
 
 def test_whole_frames_and_keep() -> None:
     splitter = SSESplitter()

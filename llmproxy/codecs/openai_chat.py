@@ -578,6 +578,8 @@ class ChatStreamDecoder:
                     except ValueError:
                         pass  # the general path reports it
                     else:
+                        if text and text.__class__ is not str:
+                            text = _delta_text(text)
                         if text:
                             events.append(StreamEvent(EventKind.TEXT, self._blocks["text"], text))
                         return events
@@ -594,8 +596,9 @@ class ChatStreamDecoder:
             if self._frame_head:  # learned, possibly in an earlier segment of this read
                 texts = self._texts(segment, self._frame_head, self._frame_tail)
                 if texts is not None:
-                    index = self._blocks["text"]
-                    events += [StreamEvent(EventKind.TEXT, index, text) for text in texts if text]
+                    text = "".join(texts)
+                    if text:
+                        events.append(StreamEvent(EventKind.TEXT, self._blocks["text"], text))
                     continue
             for event_name, data in SSESplitter.frames(segment[:-2]):
                 self._frame(event_name, data, events)
@@ -725,6 +728,8 @@ class ChatStreamDecoder:
                 index = self._block("thinking", events)
                 events.append(StreamEvent(EventKind.THINKING, index=index, text=reasoning))
             content = delta.get("content")
+            if content and content.__class__ is not str:
+                content = _delta_text(content)
             if content:
                 index = self._block("text", events)
                 event = StreamEvent(EventKind.TEXT, index=index, text=content)
@@ -749,6 +754,15 @@ class ChatStreamDecoder:
         if usage:
             self._usage = decode_usage(usage)
             events.append(StreamEvent(EventKind.USAGE, usage=self._usage))
+
+
+def _delta_text(content: Any) -> str:
+    """The text of a delta's ``content`` that is not a string: some servers (Mistral's, for
+    one) stream a list of parts, whose text parts are the text; any other value is passed on
+    as its JSON rather than dropped (a client must get a string either way)."""
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return dumps(content).decode()
 
 
 # The end of a text chunk without logprobs or finish reason (see ChatStreamEncoder.encode).
