@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -113,10 +114,14 @@ async def startup(context: "ProxyContext") -> None:
         history,
         recording=settings.record == "always" or settings.history_path is not None,
     )
-    where = f"http://{'127.0.0.1' if proxy.host in ('0.0.0.0', '::') else proxy.host}:{proxy.port}/ui/"
+    host = "127.0.0.1" if proxy.host in ("0.0.0.0", "::") else proxy.host
+    # Port 0 is chosen when the proxy binds, after start-up: the ready line names it.
+    where = f"http://{host}:{proxy.port}/ui/" if proxy.port else f"http://{host}:PORT/ui/ (PORT: see the ready line)"
     if generated:
-        # Printed once, for the person starting the proxy; it lives only in this process.
-        log.warning("inspector: %s — admin key for this run: %s (set plugins.inspector.admin_key to choose one)", where, key)
+        # For the person starting the proxy, once; the key lives only in this process. Written
+        # to stderr, not logged: the log masks every secret, this key included (it is one of
+        # them for captures and history), and no log level may hide the only place to read it.
+        print(f"llmproxy inspector: {where} — admin key for this run: {key} (set plugins.inspector.admin_key to choose one)", file=sys.stderr, flush=True)
     else:
         log.info("inspector: %s (admin key: %s)", where, settings.admin_key.describe())  # type: ignore[union-attr]
 

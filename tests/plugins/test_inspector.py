@@ -32,6 +32,7 @@ from fakes.openai_upstream import FakeOpenAI
 from llmproxy.cli import main
 from llmproxy.testing import RunningProxy, start_proxy
 from llmproxy_inspector.history import History
+from proxy_process import ProxyProcess
 
 BOUND = 10.0
 ADMIN_KEY = "adm-inspector-test-5b1d9c"
@@ -170,16 +171,22 @@ async def test_an_unset_admin_key_variable_stops_start_up(start: Start, tmp_path
         await start(config(tmp_path))
 
 
-async def test_without_an_admin_key_one_is_generated_and_logged_once(start: Start, tmp_path: Path, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
-    cfg = config(tmp_path)
-    del cfg["plugins"]["inspector"]["admin_key"]
-    with caplog.at_level("INFO", logger="llmproxy.inspector"):
-        proxy = await start(cfg)
-    lines = [r.getMessage() for r in caplog.records if "admin key for this run" in r.getMessage()]
-    assert len(lines) == 1
-    key = lines[0].split("admin key for this run: ")[1].split(" ")[0]
-    assert len(key) >= 24
-    assert (await get(http, proxy, "/admin/api/flows", headers={"Authorization": f"Bearer {key}"}))[0] == 200
+async def test_without_an_admin_key_one_is_generated_and_printed_once(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """A real ``llmproxy`` with every built-in (redaction masks secrets in the log, and this
+    key is one): the key printed at start-up is the real one, readable, and opens the API."""
+    cfg = tmp_path / "llmproxy.yaml"
+    cfg.write_text(f"proxy: {{port: 0}}\nplugins:\n  inspector: {{history_path: {tmp_path / 'history.db'}}}\n")
+    with ProxyProcess("--config", str(cfg), cwd=tmp_path) as proxy:
+        url = await proxy.ready()
+        lines = [line for line in proxy.stderr if "admin key for this run" in line]
+        assert len(lines) == 1, proxy.output
+        key = lines[0].split("admin key for this run: ")[1].split(" ")[0]
+        assert len(key) >= 24 and "REDACTED" not in key
+        async with http.get(url + "/admin/api/flows", headers={"Authorization": f"Bearer {key}"}) as response:
+            assert response.status == 200
+        async with http.get(url + "/admin/api/flows", headers={"Authorization": "Bearer wrong"}) as response:
+            assert response.status == 401
+    assert key not in (tmp_path / "history.db").read_bytes().decode("latin-1")
     assert not list(tmp_path.glob("**/*key*"))
 
 
