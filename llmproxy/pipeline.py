@@ -451,6 +451,9 @@ async def _fail(flow: Flow, ctx: ProxyContext, writer: "Writer", error: ProxyErr
     # A response already on the flow (say, a backend answer a response hook refused) is not
     # an answer from an error hook; a different one, or a cleared error, is.
     refused = None if writer.started else flow.response
+    # A backend may quote the key it was sent (or another secret) in an error, mid-stream as
+    # well as in a status: mask it before the client, the flow's record or any hook sees it.
+    error.message = ctx.redactor.text(error.message)
     flow.error = error
     if ctx.chains.error:
         await call_chain_logged(ctx.chains.error, skip=flow.disabled_plugins, flow=flow)
@@ -471,6 +474,10 @@ async def _fail(flow: Flow, ctx: ProxyContext, writer: "Writer", error: ProxyErr
 
 async def _done(flow: Flow, ctx: ProxyContext) -> None:
     flow.ended = time.monotonic()
+    if flow.error is not None:
+        # An error that never went through _fail (a forwarded stream's own error event, which
+        # the client has seen as the backend sent it) is masked for the record all the same.
+        flow.error.message = ctx.redactor.text(flow.error.message)
     if flow.routing is not None and "rate_entries" in flow.routing:
         settle_rate_limits(flow)
     if ctx.chains.flow_done:

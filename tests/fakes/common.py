@@ -46,7 +46,7 @@ class Behaviour:
     status: int | None = None
     """Answer with this HTTP error status and the protocol's error body instead."""
     message: str = "scripted upstream error"
-    """The error's message. ``{key}`` is replaced by the key the request carried, to play a
+    """The error's message (in a status or mid-stream). ``{key}`` is replaced by the key the request carried, to play a
     server that echoes credentials back."""
     error_type: str | None = None
     """The error's type (default: the protocol's type for the status; Gemini: its ``status``)."""
@@ -544,7 +544,10 @@ class FakeUpstream:
             if behaviour.event_delay:
                 await asyncio.sleep(behaviour.event_delay)
             if sent == behaviour.error_after:
-                frame = (error_frame if error_frame is not None else self.stream_error_frame(behaviour, sent)) + tail
+                if error_frame is None:
+                    echoing = replace(behaviour, message=behaviour.message.replace("{key}", received.key or ""))
+                    error_frame = self.stream_error_frame(echoing, sent)
+                frame = error_frame + tail
                 await response.write(frame)
                 received.sent += frame
                 break

@@ -251,6 +251,35 @@ async def test_upstream_attempts_are_recorded_with_the_backend_key_masked(start:
     assert UPSTREAM_KEY not in everything and ADMIN_KEY not in everything
 
 
+@pytest.mark.parametrize("front", ["openai", "anthropic"])
+async def test_a_key_echoed_in_a_mid_stream_error_reaches_no_one(front: str, start: Start, http: aiohttp.ClientSession, tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    """An upstream quotes the key it was sent in the error it streams after two events: the
+    client's error event (forwarded or translated), the flow list, the flow and the history
+    on disk carry a mask instead."""
+    proxy = await start(config(tmp_path, fake_openai))
+    fake_openai.script(error_after=4, event_delay=0.05, message="quota for key {key} exceeded")
+    if front == "openai":
+        request = {"model": "up:gpt-x", "messages": [{"role": "user", "content": "hello"}], "stream": True}
+        path = "/v1/chat/completions"
+    else:
+        request = {"model": "up:gpt-x", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}], "stream": True}
+        path = "/v1/messages"
+    async with http.post(proxy.url + path, json=request) as response:
+        streamed = await response.text()
+    assert UPSTREAM_KEY in fake_openai.last.sent.decode()  # the fake did echo it
+    assert "quota for key" in streamed
+    await settle(proxy)
+    row = (await get(http, proxy, "/admin/api/flows"))[1]["flows"][0]
+    assert "quota for key" in row["error"]
+    detail = (await get(http, proxy, f"/admin/api/flows/{row['id']}"))[1]
+    history = (await get(http, proxy, "/admin/api/history"))[1]
+    if front == "anthropic":
+        assert UPSTREAM_KEY not in streamed and "event: error" in streamed
+    for where, what in (("row", json.dumps(row)), ("detail", json.dumps(detail)), ("history", json.dumps(history)),
+                        ("on disk", (tmp_path / "history.sqlite3").read_bytes().decode(errors="replace"))):
+        assert UPSTREAM_KEY not in what, where
+
+
 async def test_flows_are_not_traced_unless_watched_by_default(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
     proxy = await start(config(tmp_path, trace="watched"))
     await ask(proxy, "!/model(beta:m2) untraced")
