@@ -442,7 +442,8 @@ async def try_it(request: web.Request, inspector: "Inspector", auth: str) -> web
         async with client.post(url, json={"model": model, "messages": messages}, headers=headers) as answer:
             data = await answer.read()
             status = answer.status
-            routing = {k: v for k, v in answer.headers.items() if k.lower().startswith("x-llmproxy-")}
+            # str(): aiohttp's header names are istr, which orjson refuses as keys
+            routing = {str(k).lower(): v for k, v in answer.headers.items() if k.lower().startswith("x-llmproxy-")}
     await inspector.audit.record(request, auth, "try", model, status, session=session)
     try:
         parsed: Any = orjson.loads(data)

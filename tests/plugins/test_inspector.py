@@ -354,9 +354,12 @@ async def test_backends_is_backend_status(start: Start, http: aiohttp.ClientSess
 
 
 async def test_try_it_goes_through_the_pipeline_and_is_audited(start: Start, http: aiohttp.ClientSession, tmp_path: Path) -> None:
-    proxy = await start(config(tmp_path))
+    cfg = config(tmp_path)
+    cfg["proxy"]["response_headers"] = True  # the routing headers come back with the answer
+    proxy = await start(cfg)
     status, body = await post(http, proxy, "/admin/api/try", {"model": "beta:m9", "message": "try", "session": "tryer"})
     assert status == 200 and body["status"] == 200 and body["text"] == "answer from beta"
+    assert body["headers"]["x-llmproxy-backend"] == "beta" and body["headers"]["x-llmproxy-attempts"] == "1"
     await settle(proxy)
     row = (await get(http, proxy, "/admin/api/flows"))[1]["flows"][0]
     assert row["backend"] == "beta" and row["session"] == "x-session-id:tryer"
