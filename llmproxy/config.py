@@ -476,6 +476,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError([f"{where}invalid YAML: {getattr(error, 'problem', error)}"], str(file)) from None
+    if data is None:
+        # Nothing but comments or whitespace: far more often a file caught mid-write by an
+        # editor, or truncated by mistake, than a wish for every default (which running
+        # llmproxy without --config gives); applied on a reload it would drop every backend.
+        raise ConfigError(["the file is empty; write at least one setting (llmproxy without --config runs on its defaults)"], str(file))
     return parse_config(data, str(file), text)
 
 

@@ -136,7 +136,7 @@ def _restore(host: Any, saved: dict[str, Any]) -> None:
 
 
 def _rejected(source: str, problems: list[str]) -> dict[str, Any]:
-    log.error("config reload rejected; the running config stays:\n  %s", "\n  ".join(problems))
+    log.error("config reload from %s rejected; the running config stays:\n  %s", source, "\n  ".join(problems))
     return {"status": "rejected", "source": source, "problems": problems, "changed": []}
 
 

@@ -221,6 +221,11 @@ def validate(path: Path, **env: str) -> tuple[int, str]:
     return result.returncode, result.stdout + result.stderr
 
 
+def test_validate_refuses_an_empty_file(tmp_path: Path) -> None:
+    code, output = validate(write_config(tmp_path, "# nothing yet\n"))
+    assert code != 0 and "the file is empty" in output and "Traceback" not in output
+
+
 def test_validate_accepts_a_valid_file(tmp_path: Path) -> None:
     config = write_config(
         tmp_path,

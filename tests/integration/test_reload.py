@@ -101,6 +101,10 @@ async def test_an_invalid_file_is_rejected_and_the_old_config_stays(tmp_path: Pa
         path.write_text("backends: [this is: not, valid")
         report = await proxy.context.reload()
         assert report["status"] == "rejected" and "invalid YAML" in report["problems"][0]
+        for empty in ("", "# being written\n", "\n\n"):  # an editor's truncate-then-write, a stray '>'
+            path.write_text(empty)
+            report = await proxy.context.reload()
+            assert report["status"] == "rejected" and "the file is empty" in report["problems"][0]
         assert proxy.context.reloads == 0 and proxy.context.config.default_backend == "a"
         assert (await ask(http, proxy.url))[0] == 200 and len(fakes["a"].requests) == 1
     finally:
