@@ -87,7 +87,14 @@ def string(value: Any, where: str) -> str:
 
 
 def dumps(obj: Any) -> bytes:
-    return orjson.dumps(obj)
+    try:
+        return orjson.dumps(obj)
+    except TypeError as error:
+        # orjson reads JSON nested up to 1024 levels but writes only 254: a client body
+        # between the two would otherwise be a 500 when it is forwarded.
+        if "Recursion limit" not in str(error):
+            raise
+        raise ProxyError(400, "JSON nested more than 254 levels deep cannot be forwarded") from None
 
 
 loads = orjson.loads

@@ -708,6 +708,20 @@ async def test_body_over_the_limit_is_413(fake_openai: FakeOpenAI, launch: Launc
     assert completion.choices[0].message.content == DEFAULT_TEXT
 
 
+@pytest.mark.parametrize("depth", [300, 2000])
+async def test_a_body_nested_too_deep_is_a_400(depth: int, fake_openai: FakeOpenAI, launch: Launch, http: aiohttp.ClientSession) -> None:
+    """Deeper than the JSON writer goes (254) or than the reader does (1024): a 400 in
+    OpenAI's shape either way, the backend never asked."""
+    proxied = await launch(make_config(fake_openai))
+    body = json.dumps({"model": "gpt-4o-mini", "messages": HI, "metadata_x": None}).replace("null", "[" * depth + "]" * depth)
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
+    for stream in (False, True):
+        async with http.post(proxied.proxy.url + "/v1/chat/completions", data=body.replace('"messages"', f'"stream": {str(stream).lower()}, "messages"'), headers=headers) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["type"] == "invalid_request_error"
+    assert fake_openai.requests == []
+
+
 # -- upstream errors ----------------------------------------------------------------------
 
 
