@@ -75,11 +75,15 @@ class ThinkingPart:
 class OpaquePart:
     """A content part the canonical model has no type for, kept verbatim for ``protocol``.
 
-    Written back untouched when the other side speaks the same protocol, dropped otherwise.
+    Written back untouched when the other side speaks the same protocol, dropped otherwise
+    (a server tool's trace in an earlier turn, say), unless ``essential``: content the model
+    must see, such as a PDF a user attached, which a backend of another protocol cannot be
+    sent without (a 400 then, never a request quietly missing it).
     """
 
     protocol: str
     data: dict[str, Any] = field(default_factory=dict)
+    essential: bool = False
     type: Literal["opaque"] = "opaque"
 
 

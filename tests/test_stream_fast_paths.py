@@ -357,3 +357,35 @@ def test_anthropic_text_short_way_equals_one_event_per_batch(data: st.DataObject
     one_by_one = codec.stream_encoder(flow)
     one_by_one._id = one_batch._id  # message ids are minted per stream
     assert one_batch.encode(list(events)) == b"".join(one_by_one.encode([event]) for event in events)
+
+
+# -- a broken frame after good ones ---------------------------------------------------------
+
+ANTHROPIC_OPENING = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"m","content":[],'
+    b'"stop_reason":null,"usage":{"input_tokens":1,"output_tokens":0}}}\n\n'
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n'
+)
+
+
+def _anthropic_delta(text: str) -> bytes:
+    return b'event: content_block_delta\ndata: ' + orjson.dumps({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}) + b"\n\n"
+
+
+@pytest.mark.parametrize("protocol", ["openai_chat", "anthropic"])
+def test_events_before_a_broken_frame_in_the_same_read_are_kept(protocol: str) -> None:
+    """A read holding a good event then a frame that is not JSON, once the client is
+    reading: the good event comes out of that read, the error at the next call. In the
+    stream's first read the error comes at once (nothing shown yet: it may fail over)."""
+    if protocol == "openai_chat":
+        frames = _plain_stream(["w0", "w1", "w2"])
+        first, second = b"".join(frames[:3]), frames[3] + b"data: {garbage\n\n"
+    else:
+        first, second = ANTHROPIC_OPENING + _anthropic_delta("w0") + _anthropic_delta("w1"), _anthropic_delta("w2") + b"event: content_block_delta\ndata: {garbage\n\n"
+    decoder = get_codec(protocol).stream_decoder()
+    assert "".join(e.text for e in decoder.feed(first) if e.kind == EventKind.TEXT) == "w0w1"
+    assert [e.text for e in decoder.feed(second) if e.kind == EventKind.TEXT] == ["w2"]
+    with pytest.raises(ProxyError, match="malformed|not valid|JSON"):
+        decoder.close()
+    with pytest.raises(ProxyError):
+        get_codec(protocol).stream_decoder().feed(first + second)  # all in the first read

@@ -31,7 +31,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, array, dumps, loads, public_extra, sse_frame, string
+from .base import SSESplitter, array, dumps, held_back, loads, public_extra, sse_frame, string
 
 PROTOCOL = "anthropic"
 DEFAULT_MAX_TOKENS = 8192
@@ -348,16 +348,16 @@ def _decode_image(block: dict[str, Any], where: str) -> ImagePart:
         raise bad_request(f"{where}.source: field required", f"{where}.source")
     extra = {k: v for k, v in block.items() if k not in ("type", "source")}
     if source.get("type") == "base64":
-        return ImagePart(data=source.get("data"), media_type=source.get("media_type"), extra=extra)
+        return ImagePart(data=string(source.get("data"), f"{where}.source.data"), media_type=source.get("media_type"), extra=extra)
     if source.get("type") == "url":
-        return ImagePart(url=source.get("url"), extra=extra)
+        return ImagePart(url=string(source.get("url"), f"{where}.source.url"), extra=extra)
     raise bad_request(f"{where}.source.type: must be 'base64' or 'url'", f"{where}.source.type")
 
 
 def _decode_block(block: dict[str, Any], where: str) -> Part | None:
     kind = block.get("type")
     if kind == "text":
-        return TextPart(string(block.get("text", ""), f"{where}.text"), extra={k: v for k, v in block.items() if k not in ("type", "text")})
+        return TextPart(string(block.get("text"), f"{where}.text"), extra={k: v for k, v in block.items() if k not in ("type", "text")})
     if kind == "image":
         return _decode_image(block, where)
     if kind == "tool_use":
@@ -372,6 +372,13 @@ def _decode_block(block: dict[str, Any], where: str) -> Part | None:
         return ThinkingPart(text=string(block.get("thinking", ""), f"{where}.thinking"), signature=block.get("signature") or None, protocol=PROTOCOL)
     if kind == "redacted_thinking":
         return ThinkingPart(redacted=True, signature=block.get("data"), protocol=PROTOCOL)
+    if kind == "document":
+        source = block.get("source")
+        if isinstance(source, dict) and source.get("type") == "text" and isinstance(source.get("data"), str):
+            # A plain-text document is text to any model: titled, so it reads as the file it was.
+            title = block.get("title")
+            return TextPart(f"{title}:\n{source['data']}" if isinstance(title, str) and title else source["data"])
+        return OpaquePart(PROTOCOL, block, essential=True)
     return OpaquePart(PROTOCOL, block)
 
 
@@ -536,22 +543,33 @@ def _append(out: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) 
 class AnthropicStreamDecoder:
     """Anthropic SSE events → canonical events."""
 
-    __slots__ = ("_sse", "_stop", "_usage", "_done", "_kinds")
+    __slots__ = ("_sse", "_failed", "_emitted", "_stop", "_usage", "_done", "_kinds")
 
     def __init__(self) -> None:
         self._sse = SSESplitter()
+        self._failed: ProxyError | None = None  # see held_back
+        self._emitted = False  # some feed returned events
         self._stop: str | None = None
         self._usage = Usage()
         self._done = False
         self._kinds: dict[int, str] = {}
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
+        if self._failed is not None:
+            raise self._failed
         events: list[StreamEvent] = []
-        for name, data in self._sse.feed(chunk):
-            self._frame(name, data, events)
+        try:
+            for name, data in self._sse.feed(chunk):
+                self._frame(name, data, events)
+        except ProxyError as error:
+            self._failed = held_back(error, events, self._emitted)
+        if events:
+            self._emitted = True
         return events
 
     def close(self) -> list[StreamEvent]:
+        if self._failed is not None:
+            raise self._failed
         events: list[StreamEvent] = []
         for name, data in self._sse.close():
             self._frame(name, data, events)

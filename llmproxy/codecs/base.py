@@ -86,6 +86,17 @@ def string(value: Any, where: str) -> str:
     raise ProxyError(400, f"{where} must be a string", param=where)
 
 
+def held_back(error: ProxyError, events: list[StreamEvent], emitted: bool) -> ProxyError:
+    """For a stream decoder's ``feed`` that met ``error`` in a read after decoding
+    ``events``: returns it, for the decoder to raise at its next ``feed`` or ``close``, so
+    the events before a broken frame still reach a client already reading the stream
+    (``emitted``: an earlier read gave events). Raises it at once otherwise: a stream broken
+    in its first read with events has shown nothing yet, and may still fail over whole."""
+    if not events or not emitted:
+        raise error
+    return error
+
+
 def dumps(obj: Any) -> bytes:
     try:
         return orjson.dumps(obj)

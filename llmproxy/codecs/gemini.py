@@ -33,7 +33,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, array, dumps, loads, sse_frame, string
+from .base import SSESplitter, array, dumps, held_back, loads, sse_frame, string
 
 PROTOCOL = "gemini"
 SKIP_SIGNATURE = "skip_thought_signature_validator"
@@ -557,10 +557,12 @@ def _merge_chunks(chunks: list[Any]) -> dict[str, Any]:
 class GeminiStreamDecoder:
     """Gemini SSE chunks (each a GenerateContentResponse) → canonical events."""
 
-    __slots__ = ("_sse", "_started", "_finish", "_usage", "_index", "_kind", "_calls", "_done")
+    __slots__ = ("_sse", "_failed", "_emitted", "_started", "_finish", "_usage", "_index", "_kind", "_calls", "_done")
 
     def __init__(self) -> None:
         self._sse = SSESplitter()
+        self._failed: ProxyError | None = None  # see held_back
+        self._emitted = False  # some feed returned events
         self._started = False
         self._finish: str | None = None
         self._usage: Usage | None = None
@@ -570,12 +572,21 @@ class GeminiStreamDecoder:
         self._done = False
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
+        if self._failed is not None:
+            raise self._failed
         events: list[StreamEvent] = []
-        for _, data in self._sse.feed(chunk):
-            self._frame(data, events)
+        try:
+            for _, data in self._sse.feed(chunk):
+                self._frame(data, events)
+        except ProxyError as error:
+            self._failed = held_back(error, events, self._emitted)
+        if events:
+            self._emitted = True
         return events
 
     def close(self) -> list[StreamEvent]:
+        if self._failed is not None:
+            raise self._failed
         events: list[StreamEvent] = []
         for _, data in self._sse.close():
             self._frame(data, events)

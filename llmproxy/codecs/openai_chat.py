@@ -29,7 +29,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, array, dumps, loads, sse_frame
+from .base import SSESplitter, array, dumps, held_back, loads, sse_frame
 
 PROTOCOL = "openai_chat"
 
@@ -532,10 +532,12 @@ class ChatStreamDecoder:
     (tests/test_stream_fast_paths.py).
     """
 
-    __slots__ = ("_sse", "_started", "_blocks", "_next_index", "_open", "_stop", "_usage", "_done", "_frame_head", "_frame_tail", "_learn")
+    __slots__ = ("_sse", "_failed", "_emitted", "_started", "_blocks", "_next_index", "_open", "_stop", "_usage", "_done", "_frame_head", "_frame_tail", "_learn")
 
     def __init__(self) -> None:
         self._sse = SSESplitter()
+        self._failed: ProxyError | None = None  # see held_back
+        self._emitted = False  # some feed returned events
         self._started = False
         self._blocks: dict[Any, int] = {}  # "text" | "thinking" | tool index -> canonical index
         self._next_index = 0
@@ -550,21 +552,27 @@ class ChatStreamDecoder:
         self._learn = _LEARN_ATTEMPTS
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
-        if self._frame_head or self._learn:
-            frames = self._sse.whole_frames(chunk)
-            if frames is not None:
-                return self._whole_frames(*frames)
+        if self._failed is not None:
+            raise self._failed
         events: list[StreamEvent] = []
-        for event_name, data in self._sse.feed(chunk):
-            self._frame(event_name, data, events)
+        try:
+            frames = self._sse.whole_frames(chunk) if self._frame_head or self._learn else None
+            if frames is not None:
+                self._whole_frames(*frames, events)
+            else:
+                for event_name, data in self._sse.feed(chunk):
+                    self._frame(event_name, data, events)
+        except ProxyError as error:
+            self._failed = held_back(error, events, self._emitted)
+        if events:
+            self._emitted = True
         return events
 
-    def _whole_frames(self, whole: bytes, rest: bytes) -> list[StreamEvent]:
-        """The events of the complete frames ``whole`` (LF line ends only), ``rest`` being
-        the partial frame after them: runs of plain text chunks of the learned shape the
-        fast way, anything else frame by frame as :meth:`feed` would."""
+    def _whole_frames(self, whole: bytes, rest: bytes, events: list[StreamEvent]) -> None:
+        """Append the events of the complete frames ``whole`` (LF line ends only) to
+        ``events``, ``rest`` being the partial frame after them: runs of plain text chunks of
+        the learned shape the fast way, anything else frame by frame as :meth:`feed` would."""
         self._sse.keep(rest)
-        events: list[StreamEvent] = []
         head, tail = self._frame_head, self._frame_tail
         if head and whole.find(b"\n\n") == len(whole) - 2:  # one frame, as paced streams come
             if len(whole) >= len(head) + len(tail) and whole.startswith(head) and whole.endswith(tail):
@@ -582,7 +590,7 @@ class ChatStreamDecoder:
                             text = _delta_text(text)
                         if text:
                             events.append(StreamEvent(EventKind.TEXT, self._blocks["text"], text))
-                        return events
+                        return
         # A read is mapped a segment of whole frames at a time: a segment that is not all
         # plain text chunks (the first of a stream, the last, anything unusual) takes the
         # general path, and the others need not. Segments of cache size also copy faster
@@ -602,7 +610,6 @@ class ChatStreamDecoder:
                     continue
             for event_name, data in SSESplitter.frames(segment[:-2]):
                 self._frame(event_name, data, events)
-        return events
 
     @staticmethod
     def _texts(frames: bytes, head: bytes, tail: bytes) -> list[Any] | None:
@@ -637,6 +644,8 @@ class ChatStreamDecoder:
             self._frame_tail = data[match.end(1) :] + b"\n\n"
 
     def close(self) -> list[StreamEvent]:
+        if self._failed is not None:
+            raise self._failed
         events: list[StreamEvent] = []
         for event_name, data in self._sse.close():
             self._frame(event_name, data, events)

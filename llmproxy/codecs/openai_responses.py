@@ -35,7 +35,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, array, dumps, loads, public_extra, sse_frame, string
+from .base import SSESplitter, array, dumps, held_back, loads, public_extra, sse_frame, string
 from .openai_chat import effort_for_budget, image_from_url, image_to_url
 
 PROTOCOL = "openai_responses"
@@ -558,22 +558,33 @@ class ResponsesStreamDecoder:
     """Responses SSE events → canonical events (block index = output_index, plus one per
     reasoning summary part so summaries stay separate)."""
 
-    __slots__ = ("_sse", "_done", "_calls", "_has_call", "_text_seen")
+    __slots__ = ("_sse", "_failed", "_emitted", "_done", "_calls", "_has_call", "_text_seen")
 
     def __init__(self) -> None:
         self._sse = SSESplitter()
+        self._failed: ProxyError | None = None  # see held_back
+        self._emitted = False  # some feed returned events
         self._done = False
         self._calls: dict[int, str] = {}
         self._has_call = False
         self._text_seen: set[int] = set()
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
+        if self._failed is not None:
+            raise self._failed
         events: list[StreamEvent] = []
-        for name, data in self._sse.feed(chunk):
-            self._frame(name, data, events)
+        try:
+            for name, data in self._sse.feed(chunk):
+                self._frame(name, data, events)
+        except ProxyError as error:
+            self._failed = held_back(error, events, self._emitted)
+        if events:
+            self._emitted = True
         return events
 
     def close(self) -> list[StreamEvent]:
+        if self._failed is not None:
+            raise self._failed
         events: list[StreamEvent] = []
         for name, data in self._sse.close():
             self._frame(name, data, events)
