@@ -82,6 +82,20 @@ def codec_for_path(path: str) -> Codec:
     return OPENAI_CHAT
 
 
+def codec_for_request(request: web.Request) -> Codec:
+    """As :func:`codec_for_path`, but a path no route knows is answered in the protocol the
+    client's headers show (an Anthropic SDK sends ``anthropic-version``, Gemini's
+    ``x-goog-api-key``), so even a mistyped URL gets an error that client can read."""
+    codec = codec_for_path(request.path)
+    if codec is OPENAI_CHAT:
+        headers = request.headers
+        if "anthropic-version" in headers:
+            return get_codec("anthropic")
+        if "x-goog-api-key" in headers or "x-goog-api-client" in headers:
+            return get_codec("gemini")
+    return codec
+
+
 @web.middleware
 async def protocol_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """Whatever goes wrong outside a flow — no route, wrong method, a bug — reaches the
@@ -98,12 +112,12 @@ async def protocol_errors(request: web.Request, handler: Any) -> web.StreamRespo
             problem = ProxyError(404, f"no such endpoint: {request.method} {request.path}")
         else:
             problem = ProxyError(error.status, error.reason or "request refused")
-        return error_response(codec_for_path(request.path), problem)
+        return error_response(codec_for_request(request), problem)
     except ProxyError as error:
-        return error_response(codec_for_path(request.path), error)
+        return error_response(codec_for_request(request), error)
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
-        return error_response(codec_for_path(request.path), ProxyError(500, "internal error; see the proxy log"))
+        return error_response(codec_for_request(request), ProxyError(500, "internal error; see the proxy log"))
 
 
 def create_app(ctx: ProxyContext) -> web.Application:

@@ -120,6 +120,26 @@ async def test_endpoint_errors_are_openai_errors(fake_openai, monkeypatch):
         await proxy.stop()
 
 
+@pytest.mark.parametrize(
+    ("headers", "shape"),
+    [({}, "openai"), ({"anthropic-version": "2023-06-01", "x-api-key": "k"}, "anthropic"), ({"x-goog-api-key": "k"}, "gemini")],
+)
+async def test_an_unknown_path_is_a_404_the_client_can_read(headers, shape, monkeypatch):
+    proxy = await _proxy({"off": {"type": "offline"}}, "off", monkeypatch)
+    try:
+        async with aiohttp.ClientSession() as session, session.post(proxy.url + "/v1/messagez", json={}, headers=headers) as response:
+            assert response.status == 404
+            body = await response.json()
+        if shape == "anthropic":
+            assert body["type"] == "error" and body["error"]["type"] == "not_found_error"
+        elif shape == "gemini":
+            assert body["error"]["code"] == 404 and body["error"]["status"] == "NOT_FOUND"
+        else:
+            assert body["error"]["type"] and "no such endpoint" in body["error"]["message"]
+    finally:
+        await proxy.stop()
+
+
 async def test_dedicated_anthropic_port_serves_the_same_routes(tmp_path):
     """proxy.anthropic_port: a second listening port (real process, real sockets)."""
     import socket
