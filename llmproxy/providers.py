@@ -436,8 +436,10 @@ class HTTPProvider(Provider):
         try:
             data = loads(payload)
         except ValueError:
-            text = payload.decode(errors="replace").strip()
-            return text[:500] or f"HTTP {status}"
+            # Not an API error body (a plain "404: Not Found" from a server without the
+            # endpoint, a gateway's HTML page): say whose answer it is.
+            text = " ".join(payload.decode(errors="replace").split())[:500]
+            return f"backend {self.name!r} answered HTTP {status}" + (f": {text}" if text else "")
         if isinstance(data, dict):
             err = data.get("error", data)
             if isinstance(err, dict):

@@ -120,6 +120,25 @@ async def test_endpoint_errors_are_openai_errors(fake_openai, monkeypatch):
         await proxy.stop()
 
 
+async def test_a_plain_text_error_from_a_backend_names_the_backend(monkeypatch):
+    """A local server without /v1/embeddings answers aiohttp's own "404: Not Found" text."""
+    from aiohttp import web
+
+    from llmproxy.testing import start_app
+
+    bare = web.Application()  # no routes: every path is a plain-text 404
+    url, runner = await start_app(bare)
+    proxy = await _proxy({"local": {"type": "openai", "base_url": url + "/v1"}}, "local", monkeypatch)
+    try:
+        async with aiohttp.ClientSession() as session, session.post(proxy.url + "/v1/embeddings", json={"model": "e", "input": "x"}) as response:
+            body = await response.json()
+        assert response.status == 404
+        assert body["error"]["message"] == "backend 'local' answered HTTP 404: 404: Not Found"
+    finally:
+        await proxy.stop()
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize(
     ("headers", "shape"),
     [({}, "openai"), ({"anthropic-version": "2023-06-01", "x-api-key": "k"}, "anthropic"), ({"x-goog-api-key": "k"}, "gemini")],
