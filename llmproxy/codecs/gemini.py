@@ -18,6 +18,7 @@ from typing import Any
 
 from ..canonical import (
     EventKind,
+    FilePart,
     ImagePart,
     Message,
     OpaquePart,
@@ -44,6 +45,12 @@ _SNAKE = {
     "safety_settings": "safetySettings",
     "cached_content": "cachedContent",
 }
+def _is_document(media_type: Any) -> bool:
+    """Gemini's inline and file data carry any media: images stay images, the rest
+    (PDFs, text, audio, video) are files to the other protocols."""
+    return isinstance(media_type, str) and not media_type.startswith("image/")
+
+
 _PART_SNAKE = {"inline_data": "inlineData", "file_data": "fileData", "function_call": "functionCall", "function_response": "functionResponse", "thought_signature": "thoughtSignature"}
 _KNOWN_KEYS = frozenset(("model", "stream", "contents", "systemInstruction", "tools", "toolConfig", "generationConfig"))
 FINISH_TO_STOP = {
@@ -446,10 +453,22 @@ def _decode_content(content: dict[str, Any], i: int, names: dict[str, str]) -> l
             data = part["inlineData"] or {}
             if not isinstance(data, dict):
                 raise bad_request(f"{where}[{j}].inlineData must be an object", f"{where}[{j}].inlineData")
-            parts.append(ImagePart(data=data.get("data"), media_type=data.get("mimeType") or data.get("mime_type"), extra=extra))
+            media_type = data.get("mimeType") or data.get("mime_type")
+            payload = string(data.get("data"), f"{where}[{j}].inlineData.data")
+            if _is_document(media_type):
+                parts.append(FilePart(data=payload, media_type=media_type, extra=extra))
+            else:
+                parts.append(ImagePart(data=payload, media_type=media_type, extra=extra))
         elif "fileData" in part:
             data = part["fileData"] or {}
-            parts.append(ImagePart(url=data.get("fileUri") or data.get("file_uri"), media_type=data.get("mimeType"), extra=extra))
+            if not isinstance(data, dict):
+                raise bad_request(f"{where}[{j}].fileData must be an object", f"{where}[{j}].fileData")
+            media_type = data.get("mimeType") or data.get("mime_type")
+            uri = string(data.get("fileUri") or data.get("file_uri"), f"{where}[{j}].fileData.fileUri")
+            if _is_document(media_type):
+                parts.append(FilePart(url=uri, media_type=media_type, extra=extra))
+            else:
+                parts.append(ImagePart(url=uri, media_type=media_type, extra=extra))
         else:
             parts.append(OpaquePart(PROTOCOL, part))
     messages = []
@@ -495,6 +514,10 @@ def _encode_part(part: Part, same: bool, outgoing: bool) -> dict[str, Any] | Non
         if part.data is not None:
             return {"inlineData": {"mimeType": part.media_type or "image/png", "data": part.data}}
         return {"fileData": {"mimeType": part.media_type or "image/*", "fileUri": part.url}}
+    if isinstance(part, FilePart):
+        if part.data is not None:
+            return {"inlineData": {"mimeType": part.media_type or "application/pdf", "data": part.data}}
+        return {"fileData": {"mimeType": part.media_type or "application/pdf", "fileUri": part.url}}
     if isinstance(part, OpaquePart) and part.protocol == PROTOCOL:
         return part.data
     return None

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..canonical import (
     EventKind,
+    FilePart,
     ImagePart,
     Message,
     OpaquePart,
@@ -393,9 +394,29 @@ def _decode_content(content: Any, where: str) -> list[Part]:
                 raise bad_request(f"{where}[{i}].image_url.url must be a string", f"{where}[{i}].image_url")
             extra = {k: v for k, v in image.items() if k != "url"} if isinstance(image, dict) else {}
             parts.append(image_from_url(url, extra))
+        elif kind == "file":
+            file = item.get("file")
+            data = file.get("file_data") if isinstance(file, dict) else None
+            if isinstance(data, str):
+                parts.append(file_from_data(data, file.get("filename"), {k: v for k, v in file.items() if k not in ("file_data", "filename")}))  # type: ignore[union-attr]
+            else:
+                parts.append(OpaquePart(PROTOCOL, item, essential=True))  # a file_id: OpenAI's own
         else:
             parts.append(OpaquePart(PROTOCOL, item))
     return parts
+
+
+def file_from_data(data: str, name: Any = None, extra: dict[str, Any] | None = None) -> FilePart:
+    """OpenAI's ``file_data``: a data: URL, or (as some clients send it) bare base64 of a PDF."""
+    media_type = "application/pdf"
+    if data.startswith("data:") and ";base64," in data:
+        header, data = data[5:].split(";base64,", 1)
+        media_type = header or media_type
+    return FilePart(data=data, media_type=media_type, name=name if isinstance(name, str) and name else None, extra=extra or {})
+
+
+def file_to_data(part: FilePart) -> str:
+    return f"data:{part.media_type or 'application/pdf'};base64,{part.data}"
 
 
 def image_from_url(url: str, extra: dict[str, Any] | None = None) -> ImagePart:
@@ -429,6 +450,14 @@ def _encode_parts(parts: list[Part], same: bool) -> str | list[dict[str, Any]] |
             if same:
                 image.update(part.extra)
             content.append({"type": "image_url", "image_url": image})
+        elif isinstance(part, FilePart):
+            if part.data is None:
+                raise ProxyError(400, "a document given by URL cannot be sent to an OpenAI Chat backend, which takes files inline only")
+            simple = False
+            file = {"filename": part.name or "document", "file_data": file_to_data(part)}
+            if same:
+                file.update(part.extra)
+            content.append({"type": "file", "file": file})
         elif isinstance(part, OpaquePart) and part.protocol == PROTOCOL:
             simple = False
             content.append(part.data)

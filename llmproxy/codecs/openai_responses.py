@@ -20,6 +20,7 @@ from typing import Any
 
 from ..canonical import (
     EventKind,
+    FilePart,
     ImagePart,
     Message,
     OpaquePart,
@@ -36,7 +37,7 @@ from ..canonical import (
 )
 from ..errors import ProxyError, bad_request
 from .base import SSESplitter, array, dumps, held_back, loads, public_extra, sse_frame, string
-from .openai_chat import effort_for_budget, image_from_url, image_to_url
+from .openai_chat import effort_for_budget, file_from_data, file_to_data, image_from_url, image_to_url
 
 PROTOCOL = "openai_responses"
 
@@ -385,6 +386,15 @@ def _decode_content(content: Any, where: str) -> list[Part]:
                 parts.append(image_from_url(url, {k: v for k, v in item.items() if k not in ("type", "image_url")}))
             else:
                 parts.append(OpaquePart(PROTOCOL, item))
+        elif kind == "input_file":
+            extra = {k: v for k, v in item.items() if k not in ("type", "file_data", "file_url", "filename")}
+            if isinstance(item.get("file_data"), str):
+                parts.append(file_from_data(item["file_data"], item.get("filename"), extra))
+            elif isinstance(item.get("file_url"), str):
+                name = item.get("filename")
+                parts.append(FilePart(url=item["file_url"], name=name if isinstance(name, str) and name else None, extra=extra))
+            else:
+                parts.append(OpaquePart(PROTOCOL, item, essential=True))  # a file_id: OpenAI's own
         else:
             parts.append(OpaquePart(PROTOCOL, item))
     return parts
@@ -405,6 +415,15 @@ def _encode_content(parts: list[Part], same: bool, assistant: bool) -> list[dict
         elif isinstance(part, ImagePart):
             entry = {"type": "input_image", "image_url": image_to_url(part)}
             entry.setdefault("detail", part.extra.get("detail", "auto"))
+            out.append(entry)
+        elif isinstance(part, FilePart):
+            entry = {"type": "input_file", "filename": part.name or "document"}
+            if part.data is not None:
+                entry["file_data"] = file_to_data(part)
+            else:
+                entry["file_url"] = part.url
+            if same:
+                entry.update(part.extra)
             out.append(entry)
         elif isinstance(part, OpaquePart) and part.protocol == PROTOCOL and same:
             out.append(part.data)

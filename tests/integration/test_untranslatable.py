@@ -1,7 +1,8 @@
-"""Content one protocol has and another lacks: translated when a faithful form exists, else a
-400 in the client's protocol — never a request that quietly arrives without it.
+"""Documents across protocols, and content one protocol has and another lacks: translated when
+a faithful form exists, else a 400 in the client's protocol — never a request that quietly
+arrives without it.
 
-An Anthropic client (aiohttp, real sockets) → llmproxy → a fake OpenAI Chat upstream.
+Clients (aiohttp, real sockets) of each protocol → llmproxy → fake upstreams of another.
 """
 
 from __future__ import annotations
@@ -9,42 +10,100 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 import aiohttp
+import llmproxy_anthropic
+import llmproxy_gemini
 import llmproxy_openai
 import pytest
+from fakes.anthropic_upstream import FakeAnthropic
+from fakes.gemini_upstream import FakeGemini
 from fakes.openai_upstream import FakeOpenAI
+from fakes.responses_upstream import FakeResponses
 
 from llmproxy.testing import RunningProxy, start_proxy
 
-PDF = {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQK"}
+PDF_DATA = "JVBERi0xLjQK"
+PDF = {"type": "base64", "media_type": "application/pdf", "data": PDF_DATA}
+PLUGINS = [("openai", llmproxy_openai), ("anthropic", llmproxy_anthropic), ("gemini", llmproxy_gemini)]
 
 
 @pytest.fixture
-async def proxy(fake_openai: FakeOpenAI) -> AsyncIterator[RunningProxy]:
-    config = {"proxy": {"drain_timeout": 0}, "backends": {"up": {"type": "openai", "base_url": fake_openai.base_url}}, "default_backend": "up"}
-    running = await start_proxy(config, plugins=[("openai", llmproxy_openai)], entry_points=False)
+async def proxy(
+    fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, fake_responses: FakeResponses, fake_gemini: FakeGemini, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[RunningProxy]:
+    monkeypatch.setenv("UNTRANSLATABLE_KEY", "test-key-untranslatable")
+    backends = {
+        "chat": {"type": "openai", "base_url": fake_openai.base_url},
+        "claude": {"type": "anthropic", "base_url": fake_anthropic.base_url, "api_keys": ["${UNTRANSLATABLE_KEY}"]},
+        "resp": {"type": "openai-responses", "base_url": fake_responses.base_url},
+        "gem": {"type": "gemini", "base_url": fake_gemini.base_url, "api_keys": ["${UNTRANSLATABLE_KEY}"]},
+    }
+    config = {"proxy": {"drain_timeout": 0}, "backends": backends, "default_backend": "chat"}
+    running = await start_proxy(config, plugins=PLUGINS, entry_points=False)
     yield running
     await running.stop()
 
 
-async def send(proxy: RunningProxy, content: list[dict[str, Any]], stream: bool = False) -> tuple[int, Any]:
-    body = {"model": "gpt-4o-mini", "max_tokens": 50, "stream": stream, "messages": [{"role": "user", "content": content}]}
-    async with aiohttp.ClientSession() as http, http.post(proxy.url + "/v1/messages", json=body) as response:
+async def post(proxy: RunningProxy, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.post(proxy.url + path, json=body) as response:
         return response.status, await response.json() if response.content_type == "application/json" else await response.text()
+
+
+async def anthropic(proxy: RunningProxy, content: list[dict[str, Any]], model: str = "chat:gpt-4o-mini", stream: bool = False) -> tuple[int, Any]:
+    return await post(proxy, "/v1/messages", {"model": model, "max_tokens": 50, "stream": stream, "messages": [{"role": "user", "content": content}]})
+
+
+def only_user_content(fake: Any) -> Any:
+    return fake.last.json["messages"][-1]["content"]
 
 
 async def test_a_plain_text_document_arrives_as_titled_text(proxy: RunningProxy, fake_openai: FakeOpenAI) -> None:
     document = {"type": "document", "title": "notes.txt", "source": {"type": "text", "media_type": "text/plain", "data": "buy milk"}}
-    status, _ = await send(proxy, [{"type": "text", "text": "summarise:"}, document])
+    status, _ = await anthropic(proxy, [{"type": "text", "text": "summarise:"}, document])
     assert status == 200
-    content = fake_openai.last.json["messages"][-1]["content"]  # text parts only: joined, or as parts
+    content = only_user_content(fake_openai)  # text parts only: joined, or as parts
     texts = content if isinstance(content, str) else "\n".join(part["text"] for part in content)
     assert "summarise:" in texts and "notes.txt:\nbuy milk" in texts
 
 
+async def test_an_anthropic_pdf_reaches_each_protocol_as_its_own_file_form(
+    proxy: RunningProxy, fake_openai: FakeOpenAI, fake_responses: FakeResponses, fake_gemini: FakeGemini, fake_anthropic: FakeAnthropic
+) -> None:
+    content = [{"type": "text", "text": "see:"}, {"type": "document", "title": "report.pdf", "source": PDF}]
+    assert (await anthropic(proxy, content, "chat:gpt-4o-mini"))[0] == 200
+    assert only_user_content(fake_openai)[1] == {"type": "file", "file": {"filename": "report.pdf", "file_data": f"data:application/pdf;base64,{PDF_DATA}"}}
+    assert (await anthropic(proxy, content, "resp:gpt-4o-mini"))[0] == 200
+    items = [part for item in fake_responses.last.json["input"] for part in (item.get("content") or []) if isinstance(part, dict)]
+    assert {"type": "input_file", "filename": "report.pdf", "file_data": f"data:application/pdf;base64,{PDF_DATA}"} in items
+    assert (await anthropic(proxy, content, "gem:gemini-2.5-flash"))[0] == 200
+    parts = fake_gemini.last.json["contents"][-1]["parts"]
+    assert {"inlineData": {"mimeType": "application/pdf", "data": PDF_DATA}} in parts
+    assert (await anthropic(proxy, content, "claude:claude-sonnet-4-5"))[0] == 200
+    assert only_user_content(fake_anthropic)[1] == {"type": "document", "title": "report.pdf", "source": PDF}
+
+
+async def test_a_gemini_pdf_is_a_file_not_an_image(proxy: RunningProxy, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic) -> None:
+    body = {"contents": [{"role": "user", "parts": [{"text": "see:"}, {"inlineData": {"mimeType": "application/pdf", "data": PDF_DATA}}]}]}
+    assert (await post(proxy, "/v1beta/models/chat:gpt-4o-mini:generateContent", body))[0] == 200
+    assert only_user_content(fake_openai)[1]["file"]["file_data"] == f"data:application/pdf;base64,{PDF_DATA}"
+    assert (await post(proxy, "/v1beta/models/claude:claude-sonnet-4-5:generateContent", body))[0] == 200
+    assert only_user_content(fake_anthropic)[1]["source"] == PDF
+
+
+async def test_an_openai_file_reaches_anthropic_as_a_document(proxy: RunningProxy, fake_anthropic: FakeAnthropic) -> None:
+    file = {"type": "file", "file": {"filename": "a.pdf", "file_data": f"data:application/pdf;base64,{PDF_DATA}"}}
+    body = {"model": "claude:claude-sonnet-4-5", "messages": [{"role": "user", "content": [{"type": "text", "text": "see:"}, file]}]}
+    assert (await post(proxy, "/v1/chat/completions", body))[0] == 200
+    assert only_user_content(fake_anthropic)[1] == {"type": "document", "title": "a.pdf", "source": PDF}
+
+
 @pytest.mark.parametrize("stream", [False, True])
-async def test_a_pdf_for_a_chat_backend_is_a_400_naming_it(proxy: RunningProxy, fake_openai: FakeOpenAI, stream: bool) -> None:
-    status, body = await send(proxy, [{"type": "text", "text": "see:"}, {"type": "document", "source": PDF}], stream)
-    assert status == 400 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+async def test_a_document_with_no_form_elsewhere_is_a_400_naming_it(proxy: RunningProxy, fake_openai: FakeOpenAI, stream: bool) -> None:
+    by_url = {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}}
+    status, body = await anthropic(proxy, [{"type": "text", "text": "see:"}, by_url], stream=stream)
+    assert status == 400 and body["type"] == "error" and "by URL" in body["error"]["message"]
+    by_id = {"type": "document", "source": {"type": "file", "file_id": "file_011"}}
+    status, body = await anthropic(proxy, [{"type": "text", "text": "see:"}, by_id], stream=stream)
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
     assert "'document'" in body["error"]["message"] and "openai_chat" in body["error"]["message"]
     assert fake_openai.requests == []
 
@@ -52,10 +111,10 @@ async def test_a_pdf_for_a_chat_backend_is_a_400_naming_it(proxy: RunningProxy, 
 @pytest.mark.parametrize(
     "block",
     [{"type": "text"}, {"type": "text", "text": None}, {"type": "image", "source": {"type": "base64", "media_type": "image/png"}},
-     {"type": "image", "source": {"type": "url"}}],
-    ids=["text-missing", "text-null", "image-without-data", "image-without-url"],
+     {"type": "image", "source": {"type": "url"}}, {"type": "document", "source": {"type": "base64"}}],
+    ids=["text-missing", "text-null", "image-without-data", "image-without-url", "document-without-data"],
 )
 async def test_a_block_missing_its_content_is_a_400(proxy: RunningProxy, fake_openai: FakeOpenAI, block: dict[str, Any]) -> None:
-    status, body = await send(proxy, [block])
+    status, body = await anthropic(proxy, [block])
     assert status == 400 and body["type"] == "error" and "must be a string" in body["error"]["message"]
     assert fake_openai.requests == []
