@@ -153,7 +153,10 @@ def add_plugin_routes(app: web.Application, ctx: ProxyContext) -> None:
         def register(method: str, path: str, handler: Any, _owner: str = impl.plugin_name) -> None:
             if path.startswith(("/v1", "/anthropic", "/openai")) or not path.startswith("/"):
                 raise ConfigError([f"plugins.{_owner}: cannot add route {path!r} (protocol paths are the core's)"], ctx.config.source)
-            app.router.add_route(method, path, handler)
+            if method.upper() == "GET":
+                app.router.add_get(path, handler)  # which answers HEAD too, as HTTP says a GET route should
+            else:
+                app.router.add_route(method, path, handler)
 
         given = {"register": register, "context": ctx}
         impl.function(*[given[name] for name in impl.argnames])  # pluggy's rule: only the arguments it takes

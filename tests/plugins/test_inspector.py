@@ -120,6 +120,9 @@ async def test_admin_api_refuses_without_key_with_a_foreign_host_and_changes_wit
     assert status == 401 and "admin key" in body["error"]["message"]
     status, _ = await get(http, proxy, "/admin/api/flows", headers={"Authorization": "Bearer not-the-key"})
     assert status == 401
+    for headers, expected in (({}, 401), (ADMIN, 200)):  # HEAD answers as GET does, guarded the same
+        async with http.head(proxy.url + "/admin/api/flows", headers=headers) as response:
+            assert response.status == expected
     status, body = await get(http, proxy, "/admin/api/flows", headers={**ADMIN, "Host": "evil.example:8000"})
     assert status == 403 and "Host" in body["error"]["message"]
     # the UI page itself is refused to a rebinding page as well
