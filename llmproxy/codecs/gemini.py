@@ -177,7 +177,7 @@ class GeminiCodec:
             else:
                 request.tool_choice = {"AUTO": "auto", "ANY": "required", "NONE": "none", "VALIDATED": "auto"}.get(mode, "auto")
             request.extra["_toolConfig"] = tool_config
-        names: dict[str, str] = {}
+        names: dict[str, list[str]] = {}  # function name -> ids of its calls not yet answered
         for i, content in enumerate(body["contents"]):
             request.messages.extend(_decode_content(content, i, names))
         return request
@@ -240,7 +240,7 @@ class GeminiCodec:
         if candidates:
             candidate = candidates[0]
             content = candidate.get("content") or {}
-            names: dict[str, str] = {}
+            names: dict[str, list[str]] = {}
             for message in _decode_content({"role": "model", "parts": content.get("parts") or []}, 0, names):
                 response.parts.extend(message.parts)
             finish = candidate.get("finishReason")
@@ -409,7 +409,7 @@ def _call_id(name: str) -> str:
     return f"call_{name}_{uuid.uuid4().hex[:12]}"
 
 
-def _decode_content(content: dict[str, Any], i: int, names: dict[str, str]) -> list[Message]:
+def _decode_content(content: dict[str, Any], i: int, names: dict[str, list[str]]) -> list[Message]:
     role = content.get("role", "user")
     where = f"contents[{i}].parts"
     parts: list[Part] = []
@@ -431,7 +431,7 @@ def _decode_content(content: dict[str, Any], i: int, names: dict[str, str]) -> l
                 raise bad_request(f"{where}[{j}].functionCall must be an object", f"{where}[{j}].functionCall")
             name = call.get("name", "")
             call_id = call.get("id") or _call_id(name)
-            names.setdefault(name, call_id)
+            names.setdefault(name, []).append(call_id)
             if not call.get("id"):
                 extra["_no_id"] = True
             if not signature:
@@ -441,7 +441,14 @@ def _decode_content(content: dict[str, Any], i: int, names: dict[str, str]) -> l
             response = part["functionResponse"] or {}
             name = response.get("name", "")
             payload = response.get("response")
-            call_id = response.get("id") or names.pop(name, None) or _call_id(name)
+            # Gemini pairs calls and responses without ids by order: the n-th response to
+            # a function answers its n-th open call, even when one name was called twice.
+            waiting = names.get(name) or []
+            call_id = response.get("id")
+            if call_id in waiting:
+                waiting.remove(call_id)
+            elif not call_id:
+                call_id = waiting.pop(0) if waiting else _call_id(name)
             is_error = isinstance(payload, dict) and "error" in payload and len(payload) == 1
             if isinstance(payload, dict) and len(payload) == 1 and isinstance(next(iter(payload.values())), str):
                 text = next(iter(payload.values()))

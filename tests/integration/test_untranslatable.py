@@ -118,3 +118,27 @@ async def test_a_block_missing_its_content_is_a_400(proxy: RunningProxy, fake_op
     status, body = await anthropic(proxy, [block])
     assert status == 400 and body["type"] == "error" and "must be a string" in body["error"]["message"]
     assert fake_openai.requests == []
+
+
+async def test_a_gemini_function_called_twice_pairs_each_response_with_its_call(proxy: RunningProxy, fake_anthropic: FakeAnthropic, fake_openai: FakeOpenAI) -> None:
+    """Gemini pairs calls and responses without ids by order; the ids llmproxy makes up for
+    the other protocols must pair the same way, even when one function was called twice."""
+    body = {"contents": [
+        {"role": "user", "parts": [{"text": "hi"}]},
+        {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {"a": 1}}}, {"functionCall": {"name": "f", "args": {"a": 2}}},
+                                    {"functionCall": {"name": "g", "args": {}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {"r": 1}}}, {"functionResponse": {"name": "g", "response": {"r": 3}}},
+                                   {"functionResponse": {"name": "f", "response": {"r": 2}}}]},
+    ]}
+    assert (await post(proxy, "/v1beta/models/claude:claude-sonnet-4-5:generateContent", body))[0] == 200
+    messages = fake_anthropic.last.json["messages"]
+    calls = {(block["name"], block["input"].get("a")): block["id"] for block in messages[1]["content"] if block["type"] == "tool_use"}
+    results = [(block["tool_use_id"], block["content"]) for block in messages[2]["content"] if block["type"] == "tool_result"]
+    assert len(set(calls.values())) == 3
+    by_id = dict(results)
+    assert '"r":1' in str(by_id[calls[("f", 1)]]).replace(" ", "") and '"r":2' in str(by_id[calls[("f", 2)]]).replace(" ", "")
+    assert '"r":3' in str(by_id[calls[("g", None)]]).replace(" ", "")
+    assert (await post(proxy, "/v1beta/models/chat:gpt-4o-mini:generateContent", body))[0] == 200
+    chat = fake_openai.last.json["messages"]
+    call_ids = [call["id"] for call in chat[1]["tool_calls"]]
+    assert [m["tool_call_id"] for m in chat[2:5]] == [call_ids[0], call_ids[2], call_ids[1]]
