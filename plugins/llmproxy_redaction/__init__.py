@@ -209,9 +209,10 @@ def upstream_request(flow: "Flow", upstream: "UpstreamRequest") -> None:
         return
     redactor = state.outbound
     # Everything a client can put in a request is in its raw body: when the raw body cannot
-    # hold a secret, neither can the request built from it. (Escaped forms of the secrets
-    # are among the needles.)
-    if flow.raw_body and not redactor.may_contain(flow.raw_body):
+    # hold a secret, neither can the request built from it. (JSON-escaped forms of the
+    # secrets are among the needles; a \uXXXX escape can spell any character, as Go's
+    # encoder writes & < >, so a raw body with one is checked as it will be sent.)
+    if flow.raw_body and b"\\u" not in flow.raw_body and not redactor.may_contain(flow.raw_body):
         return
     data = dumps(upstream.body)
     if not redactor.may_contain(data):

@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any, AsyncIterator
 
+import aiohttp
 import anthropic
 import llmproxy_anthropic
 import llmproxy_openai
@@ -467,3 +468,20 @@ async def test_configured_secrets_join_the_proxys_redactor_for_captures(fake_ope
     proxy = await launch(config(fake_openai))
     masked = proxy.context.redactor.text(f"{CONFIGURED} {UPSTREAM_KEY} {CLIENT_KEY} extra-secret-from-env-99 {SAMPLES['openai_key']}")
     assert masked == f"{SECRET_LABEL} {SECRET_LABEL} {SECRET_LABEL} {SECRET_LABEL} [REDACTED:openai_key]"
+
+
+@pytest.mark.parametrize("escape", ["\\u0026", "\\u003c", "\\u0020"], ids=["amp", "lt", "space"])
+async def test_a_secret_spelled_with_json_escapes_is_masked_all_the_same(fake_openai: FakeOpenAI, launch: Any, escape: str) -> None:
+    """Go's JSON encoder writes & < > as \\u escapes (and any client may escape any
+    character): the raw body then holds none of the secret's usual forms."""
+    secret = "pa&ss wo<rd>12345"
+    proxy = await launch(config(fake_openai, secrets=[secret]))
+    plain = {"\\u0026": "&", "\\u003c": "<", "\\u0020": " "}[escape]
+    written = secret.replace(plain, escape)
+    body = '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "the password is ' + written + '"}]}'
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http, http.post(proxy.url + "/v1/chat/completions", data=body, headers=headers) as response:
+        assert response.status == 200
+    sent = fake_openai.last.body.decode()
+    assert "the password is" in sent and secret not in json.loads(fake_openai.last.body)["messages"][0]["content"]
+    assert "pa&ss" not in sent and "pa\\u0026ss" not in sent
