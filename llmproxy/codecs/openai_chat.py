@@ -228,7 +228,7 @@ class OpenAIChatCodec:
         calls = response.tool_calls
         if calls:
             message["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments or "{}"}} for c in calls
             ]
         choice = {"index": 0, "message": message, "logprobs": extra.get("_logprobs"), "finish_reason": STOP_TO_FINISH.get(response.stop_reason, "stop")}
         body = {
@@ -520,7 +520,7 @@ def _encode_message(message: Message, same: bool) -> list[dict[str, Any]]:
         body["content"] = _encode_parts(message.parts, same)
         if calls:
             body["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments or "{}"}} for c in calls
             ]
         reasoning = [p for p in message.parts if isinstance(p, ThinkingPart) and p.protocol == PROTOCOL]
         if reasoning and same:

@@ -487,7 +487,7 @@ def _assistant_items(message: Message, same: bool) -> list[dict[str, Any]]:
             continue
         flush_text()
         if isinstance(part, ToolCallPart):
-            item = {"type": "function_call", "call_id": part.id, "name": part.name, "arguments": part.arguments}
+            item = {"type": "function_call", "call_id": part.id, "name": part.name, "arguments": part.arguments or "{}"}
             if same:
                 item.update(part.extra)
             items.append(item)
@@ -533,7 +533,7 @@ def _output_items(response: Response) -> list[dict[str, Any]]:
             continue
         flush()
         if isinstance(part, ToolCallPart):
-            items.append({"type": "function_call", "id": part.extra.get("id") or _new_id("fc"), "call_id": part.id, "name": part.name, "arguments": part.arguments, "status": "completed"})
+            items.append({"type": "function_call", "id": part.extra.get("id") or _new_id("fc"), "call_id": part.id, "name": part.name, "arguments": part.arguments or "{}", "status": "completed"})
         elif isinstance(part, ThinkingPart):
             item: dict[str, Any] = {"type": "reasoning", "id": part.extra.get("id") or _new_id("rs"), "summary": [{"type": "summary_text", "text": part.text}] if part.text else []}
             if part.protocol == PROTOCOL and part.signature:
@@ -752,6 +752,8 @@ class ResponsesStreamEncoder:
             out.append(self._event("response.output_text.done", {**position, "content_index": 0, "text": text, "logprobs": []}))
             out.append(self._event("response.content_part.done", {**position, "content_index": 0, "part": item["content"][0]}))
         elif item["type"] == "function_call":
+            if not item["arguments"]:
+                item["arguments"] = "{}"  # a call without arguments (a Chat backend may stream none): still JSON
             out.append(self._event("response.function_call_arguments.done", {**position, "arguments": item["arguments"]}))
         elif item["type"] == "reasoning" and item["summary"]:
             part = item["summary"][0]

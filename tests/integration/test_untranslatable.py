@@ -7,6 +7,7 @@ Clients (aiohttp, real sockets) of each protocol → llmproxy → fake upstreams
 
 from __future__ import annotations
 
+import json
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -142,3 +143,22 @@ async def test_a_gemini_function_called_twice_pairs_each_response_with_its_call(
     chat = fake_openai.last.json["messages"]
     call_ids = [call["id"] for call in chat[1]["tool_calls"]]
     assert [m["tool_call_id"] for m in chat[2:5]] == [call_ids[0], call_ids[2], call_ids[1]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_call_without_arguments_reaches_a_responses_client_as_json(proxy: RunningProxy, fake_openai: FakeOpenAI, stream: bool) -> None:
+    """A Chat backend may send a call's arguments as "" (or stream none): a Responses client
+    (Codex parses them) gets "{}"."""
+    fake_openai.script(tool_arguments="")
+    tool = {"type": "function", "name": "list_files", "parameters": {"type": "object", "properties": {}}}
+    body = {"model": "chat:gpt-4o-mini", "input": "list them", "tools": [tool], "stream": stream}
+    status, answer = await post(proxy, "/v1/responses", body)
+    assert status == 200
+    sent = fake_openai.last.sent.decode().replace(" ", "")
+    assert '"arguments":""' in sent and '"arguments":"{' not in sent  # the backend did send none
+    if stream:
+        events = [json.loads(line[6:]) for line in answer.splitlines() if line.startswith("data: {")]
+        assert [e["arguments"] for e in events if e["type"] == "response.function_call_arguments.done"] == ["{}"]
+        answer = next(e for e in events if e["type"] == "response.completed")["response"]
+    calls = [item for item in answer["output"] if item["type"] == "function_call"]
+    assert calls and calls[0]["name"] == "list_files" and calls[0]["arguments"] == "{}"
