@@ -652,7 +652,8 @@ class AnthropicStreamDecoder:
         elif kind == "message_start":
             message = event.get("message") or {}
             self._usage = decode_usage(message.get("usage"))
-            events.append(StreamEvent(EventKind.START, id=message.get("id"), model=message.get("model")))
+            # The input tokens are known from the start (clients show them as the context used)
+            events.append(StreamEvent(EventKind.START, id=message.get("id"), model=message.get("model"), usage=self._usage))
         elif kind == "message_delta":
             delta = event.get("delta") or {}
             if delta.get("stop_reason"):
@@ -701,6 +702,8 @@ class AnthropicStreamEncoder:
                 self._model = event.model
             if event.id and event.id.startswith("msg_"):
                 self._id = event.id
+            if event.usage is not None:
+                self._usage = event.usage
         message = {
             "id": self._id, "type": "message", "role": "assistant", "model": self._model, "content": [],
             "stop_reason": None, "stop_sequence": None, "usage": {**encode_usage(self._usage), "output_tokens": 1},

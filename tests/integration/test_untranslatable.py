@@ -162,3 +162,28 @@ async def test_a_call_without_arguments_reaches_a_responses_client_as_json(proxy
         answer = next(e for e in events if e["type"] == "response.completed")["response"]
     calls = [item for item in answer["output"] if item["type"] == "function_call"]
     assert calls and calls[0]["name"] == "list_files" and calls[0]["arguments"] == "{}"
+
+
+async def test_an_anthropic_stream_keeps_its_input_tokens_when_decoded(fake_anthropic: FakeAnthropic, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tools offered and loop_detection on: the stream is decoded and encoded again, and
+    message_start still says how many input tokens the backend counted (Claude Code shows
+    it as the context used), as a stream forwarded untouched does."""
+    import llmproxy_loop_detection
+
+    monkeypatch.setenv("UNTRANSLATABLE_KEY", "test-key-untranslatable")
+    config = {"proxy": {"drain_timeout": 0}, "default_backend": "claude",
+              "backends": {"claude": {"type": "anthropic", "base_url": fake_anthropic.base_url, "api_keys": ["${UNTRANSLATABLE_KEY}"]}}}
+    proxy = await start_proxy(config, plugins=[*PLUGINS, ("loop_detection", llmproxy_loop_detection)], entry_points=False)
+    try:
+        tool = {"name": "Bash", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}
+        body = {"model": "claude-sonnet-4-5", "max_tokens": 50, "stream": True, "messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+        decoded = start_usage((await post(proxy, "/v1/messages", body))[1])
+    finally:
+        await proxy.stop()
+    sent = start_usage(fake_anthropic.last.sent.decode())
+    assert sent["input_tokens"] > 0 and decoded["input_tokens"] == sent["input_tokens"]
+
+
+def start_usage(text: str) -> dict[str, Any]:
+    line = next(line for line in text.splitlines() if line.startswith("data: ") and '"message_start"' in line)
+    return json.loads(line[6:])["message"]["usage"]
