@@ -432,6 +432,8 @@ def _decode_message(message: dict[str, Any], i: int) -> list[Message]:
             )
         else:
             part = _decode_block(block, f"{where}.{j}")
+            if isinstance(part, OpaquePart) and role == "user":
+                part.essential = True  # what a user sent, the model must see: never dropped on the way
             if part is not None:
                 parts.append(part)
     messages = []

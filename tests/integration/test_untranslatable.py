@@ -187,3 +187,13 @@ async def test_an_anthropic_stream_keeps_its_input_tokens_when_decoded(fake_anth
 def start_usage(text: str) -> dict[str, Any]:
     line = next(line for line in text.splitlines() if line.startswith("data: ") and '"message_start"' in line)
     return json.loads(line[6:])["message"]["usage"]
+
+
+async def test_an_unknown_block_from_the_user_is_not_dropped_on_the_way(proxy: RunningProxy, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic) -> None:
+    """A block type llmproxy does not know reaches an Anthropic backend as it is; another
+    protocol's backend is not sent the message without it."""
+    content = [{"type": "text", "text": "look:"}, {"type": "hologram", "data": "xyz"}]
+    status, body = await anthropic(proxy, content)
+    assert status == 400 and "'hologram'" in body["error"]["message"] and fake_openai.requests == []
+    assert (await anthropic(proxy, content, "claude:claude-sonnet-4-5"))[0] == 200
+    assert {"type": "hologram", "data": "xyz"} in only_user_content(fake_anthropic)
