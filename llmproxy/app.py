@@ -194,7 +194,7 @@ async def serve(config: Config, host: PluginHost, ready: Callable[[str], None] |
     if not ctx.providers:
         log.warning("no backends are configured: every model request will be answered 404 (add backends: in %s)", config.source)
     app = create_app(ctx)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=config.proxy.drain_timeout)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=config.proxy.drain_timeout, auto_decompress=False)
     await runner.setup()
     site = web.TCPSite(runner, config.proxy.host, config.proxy.port, reuse_address=True)
     ports = [("proxy.port", config.proxy.port, site)]

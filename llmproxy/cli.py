@@ -166,12 +166,13 @@ def validate(ctx: click.Context, config_path: str | None) -> None:
 
 
 @main.command("plugins")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help="Config file (default: --config of llmproxy).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def plugins_cmd(ctx: click.Context, as_json: bool) -> None:
+def plugins_cmd(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
     """List plugins (name, version, origin, hooks) and each hook chain in run order."""
     try:
-        _, host = _load(ctx.obj["config_path"])
+        _, host = _load(config_path or ctx.obj["config_path"])
     except (ConfigError, PluginLoadError) as error:
         _fail(error)
         return

@@ -12,6 +12,7 @@ import hmac
 import logging
 import math
 import time
+import zlib
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -58,12 +59,37 @@ def authenticate(request: web.Request, ctx: ProxyContext) -> ClientInfo:
     return client
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
+async def read_body(request: web.Request) -> bytes:
+    """The request body, decompressed if the client compressed it, never past
+    ``proxy.max_body_bytes`` (llmproxy's server leaves decompressing to this function: left
+    to aiohttp, a small gzip bomb filled memory before the size check said no)."""
+    limit = request.client_max_size
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         # aiohttp's exception does not keep the limit; the request does.
-        raise ProxyError(413, f"request body is larger than the limit of {request.client_max_size} bytes (proxy.max_body_bytes)") from None
+        raise ProxyError(413, f"request body is larger than the limit of {limit} bytes (proxy.max_body_bytes)") from None
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if not raw or encoding in ("", "identity"):
+        return raw
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise ProxyError(415, f"request Content-Encoding {encoding!r} is not supported: send the body as it is, or gzip or deflate it")
+    # gzip and zlib headers are told apart by the first bytes; a deflate body without the
+    # zlib header (some clients send one) is raw deflate.
+    wbits = -zlib.MAX_WBITS if encoding == "deflate" and raw[0] & 0x0F != 8 else zlib.MAX_WBITS | 32
+    inflater = zlib.decompressobj(wbits)
+    try:
+        body = inflater.decompress(raw, limit + 1)
+    except zlib.error as error:
+        raise ProxyError(400, f"request body is not valid {encoding} data: {error}") from None
+    if len(body) > limit or inflater.unconsumed_tail:
+        raise ProxyError(413, f"request body is larger than the limit of {limit} bytes once decompressed (proxy.max_body_bytes)")
+    return body
+
+
+async def read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
+    """The body's bytes and its JSON object."""
+    raw = await read_body(request)
     if not raw:
         raise ProxyError(400, "request body is empty; expected a JSON object")
     try:
@@ -72,7 +98,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise ProxyError(400, f"request body is not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise ProxyError(400, "request body must be a JSON object")
-    return body
+    return raw, body
 
 
 Runner = Callable[[Flow, ProxyContext, "Writer"], Awaitable[None]]
@@ -99,8 +125,7 @@ async def handle(
     writer = Writer(request, codec, flow)
     try:
         flow.client = authenticate(request, ctx)
-        flow.raw_request = await read_json(request)
-        flow.raw_body = await request.read()  # aiohttp keeps the bytes it read: no copy
+        flow.raw_body, flow.raw_request = await read_json(request)
         flow.sessions = ctx.sessions
         if ctx.sessions.plugin_switches:
             flow.disabled_plugins = flow.session.disabled_plugins()

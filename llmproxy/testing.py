@@ -77,7 +77,7 @@ async def start_proxy(config: Config | dict[str, Any], plugins: list[tuple[str, 
     host = PluginHost(config, entry_points=entry_points, extra=plugins or ())
     ctx = ProxyContext(config, host)
     app = create_app(ctx)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=config.proxy.drain_timeout)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=config.proxy.drain_timeout, auto_decompress=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

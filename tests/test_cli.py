@@ -417,10 +417,11 @@ def test_plugins_json() -> None:
 
 def test_plugins_disabled_by_config(tmp_path: Path) -> None:
     config = write_config(tmp_path, "backends:\n  x: {type: offline}\nplugins:\n  openai: {enabled: false}\n")
-    result = run_cli("--config", str(config), "plugins", "--json")
-    assert result.returncode == 0, result.stderr
-    openai = next(p for p in json.loads(result.stdout)["plugins"] if p["name"] == "openai")
-    assert openai["origin"] == "built-in, disabled" and openai["hooks"] == []
+    for args in (("--config", str(config), "plugins", "--json"), ("plugins", "--config", str(config), "--json")):  # either place
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+        openai = next(p for p in json.loads(result.stdout)["plugins"] if p["name"] == "openai")
+        assert openai["origin"] == "built-in, disabled" and openai["hooks"] == []
 
 
 # -- secrets -----------------------------------------------------------------------------------

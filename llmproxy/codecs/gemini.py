@@ -533,9 +533,11 @@ def _encode_part(part: Part, same: bool, outgoing: bool) -> dict[str, Any] | Non
 def _encode_message(message: Message, same: bool, contents: list[dict[str, Any]], names: dict[str, str]) -> None:
     if message.role == "tool":
         parts = []
+        media: list[dict[str, Any]] = []  # images or files a tool returned: beside the responses
         for part in message.parts:
             if not isinstance(part, ToolResultPart):
                 continue
+            media += [wire for wire in (_encode_part(p, same, False) for p in part.content if isinstance(p, (ImagePart, FilePart))) if wire]
             if same and "_response" in part.extra:
                 payload = part.extra["_response"]
             else:
@@ -545,7 +547,7 @@ def _encode_message(message: Message, same: bool, contents: list[dict[str, Any]]
             if not (same and part.extra.get("_id") is None and "_response" in part.extra):
                 response["id"] = part.tool_call_id
             parts.append({"functionResponse": response})
-        _append(contents, "user", parts, merge=not same)
+        _append(contents, "user", parts + media, merge=not same)
         return
     for part in message.parts:
         if isinstance(part, ToolCallPart):

@@ -500,7 +500,13 @@ def _encode_message(message: Message, same: bool) -> list[dict[str, Any]]:
         rest: list[Part] = []
         for part in message.parts:
             if isinstance(part, ToolResultPart):
-                content = _encode_parts(part.content, same)
+                # A tool message holds text only: images or files a tool returned (a
+                # screenshot Claude Code's Read tool took, say) follow in a user message,
+                # after every tool message, as the API wants them next to the calls.
+                media = [p for p in part.content if isinstance(p, (ImagePart, FilePart))]
+                if media:
+                    rest += [TextPart(f"(attached by the result of tool call {part.tool_call_id})"), *media]
+                content = _encode_parts([p for p in part.content if not isinstance(p, (ImagePart, FilePart))], same)
                 if content is None:
                     content = ""
                 if part.is_error and isinstance(content, str):

@@ -93,7 +93,7 @@ def guarded(context: "ProxyContext", handler: Handler, login: bool = False) -> C
 
 async def json_body(request: web.Request) -> dict[str, Any]:
     try:
-        body = orjson.loads(await request.read() or b"{}")
+        body = orjson.loads(await request.read() or b"{}")  # never compressed: the UI sends plain JSON
     except orjson.JSONDecodeError as error:
         raise BadRequest(f"body is not valid JSON: {error}") from None
     if not isinstance(body, dict):

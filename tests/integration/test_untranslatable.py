@@ -197,3 +197,61 @@ async def test_an_unknown_block_from_the_user_is_not_dropped_on_the_way(proxy: R
     assert status == 400 and "'hologram'" in body["error"]["message"] and fake_openai.requests == []
     assert (await anthropic(proxy, content, "claude:claude-sonnet-4-5"))[0] == 200
     assert {"type": "hologram", "data": "xyz"} in only_user_content(fake_anthropic)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "raw-deflate"])
+async def test_a_compressed_request_is_read_within_the_body_limit(fake_openai: FakeOpenAI, encoding: str) -> None:
+    """gzip and deflate bodies are served; one that inflates past max_body_bytes is a 413
+    before it is ever held whole (a 300 KB gzip bomb of 300 MB took the proxy from 60 MB
+    to 250 MB and more when aiohttp inflated it); other encodings are a 415 in the client's
+    protocol."""
+    import zlib
+
+    def compress(data: bytes) -> bytes:
+        if encoding == "gzip":
+            import gzip
+
+            return gzip.compress(data)
+        packer = zlib.compressobj(wbits=zlib.MAX_WBITS if encoding == "deflate" else -zlib.MAX_WBITS)
+        return packer.compress(data) + packer.flush()
+
+    config = {"proxy": {"drain_timeout": 0, "max_body_bytes": 1_000_000}, "backends": {"chat": {"type": "openai", "base_url": fake_openai.base_url}},
+              "default_backend": "chat"}
+    proxy = await start_proxy(config, plugins=PLUGINS, entry_points=False)
+    header = {"Content-Type": "application/json", "Content-Encoding": "deflate" if encoding == "raw-deflate" else encoding}
+    try:
+        async with aiohttp.ClientSession() as http:
+            small = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+            async with http.post(proxy.url + "/v1/chat/completions", data=compress(small), headers=header) as response:
+                assert response.status == 200, await response.text()
+            assert fake_openai.last.json["messages"][0]["content"] == "hi"
+            bomb = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"x" * 50_000_000 + b'"}]}'
+            async with http.post(proxy.url + "/v1/chat/completions", data=compress(bomb), headers=header) as response:
+                assert response.status == 413 and "once decompressed" in (await response.json())["error"]["message"]
+            async with http.post(proxy.url + "/v1/messages", data=small, headers={**header, "Content-Encoding": "br"}) as response:
+                assert response.status == 415 and (await response.json())["type"] == "error"
+    finally:
+        await proxy.stop()
+    assert len(fake_openai.requests) == 1
+
+
+async def test_an_image_a_tool_returned_reaches_chat_and_gemini_beside_the_result(proxy: RunningProxy, fake_openai: FakeOpenAI, fake_gemini: FakeGemini) -> None:
+    """Claude Code's Read tool returns a screenshot as an image in the tool result. Chat's
+    tool messages hold text only and Gemini's functionResponse a JSON object: the image
+    goes right after, in the user turn, never dropped."""
+    png = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
+    messages = [
+        {"role": "user", "content": "look at the screen"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"path": "shot.png"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "the screenshot"}, {"type": "image", "source": png}]}]},
+    ]
+    tool = {"name": "Read", "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}
+    for model in ("chat:gpt-4o-mini", "gem:gemini-2.5-flash"):
+        status, _ = await post(proxy, "/v1/messages", {"model": model, "max_tokens": 50, "messages": messages, "tools": [tool]})
+        assert status == 200
+    chat = fake_openai.last.json["messages"]
+    assert chat[-2] == {"role": "tool", "tool_call_id": "toolu_1", "content": "the screenshot"}
+    assert chat[-1]["role"] == "user" and {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}} in chat[-1]["content"]
+    last = fake_gemini.last.json["contents"][-1]
+    assert last["role"] == "user" and last["parts"][0]["functionResponse"]["response"] == {"output": "the screenshot"}
+    assert {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}} in last["parts"]
