@@ -389,3 +389,32 @@ def test_events_before_a_broken_frame_in_the_same_read_are_kept(protocol: str) -
         decoder.close()
     with pytest.raises(ProxyError):
         get_codec(protocol).stream_decoder().feed(first + second)  # all in the first read
+
+
+# -- tool calls whose name comes in pieces ---------------------------------------------------
+
+
+def _tool_chunk(call: dict[str, Any], finish: str | None = None) -> bytes:
+    return b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                     "choices": [{"index": 0, "delta": {"tool_calls": [call]} if call else {}, "finish_reason": finish}]}) + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "name"),
+    [(["get_", "weather"], "get_weather"), (["get_weather", "get_weather"], "get_weather"), (["get_weather"], "get_weather")],
+    ids=["split", "repeated", "whole"],
+)
+@pytest.mark.parametrize("arguments", ['{"city": "Paris"}', ""], ids=["with-arguments", "none"])
+def test_a_tool_name_sent_in_pieces_is_joined(pieces: list[str], name: str, arguments: str) -> None:
+    frames = [_tool_chunk({"index": 0, "id": "call_1" if i == 0 else None, "type": "function", "function": {"name": piece, "arguments": ""}})
+              for i, piece in enumerate(pieces)]
+    if arguments:
+        frames.append(_tool_chunk({"index": 0, "function": {"arguments": arguments}}))
+    frames += [_tool_chunk({}, finish="tool_calls"), b"data: [DONE]\n\n"]
+    for reads in ([b"".join(frames)], frames):
+        decoder = ChatStreamDecoder()
+        events = [event for read in reads for event in decoder.feed(read)] + decoder.close()
+        starts = [(e.id, e.name) for e in events if e.kind == EventKind.TOOL_CALL_START]
+        assert starts == [("call_1", name)]
+        assert "".join(e.text for e in events if e.kind == EventKind.TOOL_CALL_DELTA) == arguments
+        assert [e.kind for e in events][-2:] == [EventKind.BLOCK_STOP, EventKind.STOP]

@@ -567,7 +567,7 @@ class ChatStreamDecoder:
     (tests/test_stream_fast_paths.py).
     """
 
-    __slots__ = ("_sse", "_failed", "_emitted", "_started", "_blocks", "_next_index", "_open", "_stop", "_usage", "_done", "_frame_head", "_frame_tail", "_learn")
+    __slots__ = ("_sse", "_failed", "_emitted", "_started", "_blocks", "_naming", "_next_index", "_open", "_stop", "_usage", "_done", "_frame_head", "_frame_tail", "_learn")
 
     def __init__(self) -> None:
         self._sse = SSESplitter()
@@ -575,6 +575,7 @@ class ChatStreamDecoder:
         self._emitted = False  # some feed returned events
         self._started = False
         self._blocks: dict[Any, int] = {}  # "text" | "thinking" | tool index -> canonical index
+        self._naming: dict[Any, list[Any]] = {}  # tool index -> [id, name so far], until its arguments begin
         self._next_index = 0
         self._open: list[int] = []
         self._stop: str | None = None
@@ -706,7 +707,13 @@ class ChatStreamDecoder:
         self._done = True
         self._frame_head = b""
 
+    def _begin_call(self, key: Any, events: list[StreamEvent]) -> int:
+        call_id, name = self._naming.pop(key)
+        return self._block(key, events, EventKind.TOOL_CALL_START, id=call_id or _call_id(), name=name)
+
     def _close_blocks(self, events: list[StreamEvent]) -> None:
+        for key in list(self._naming):  # calls that never sent arguments begin (and end) now
+            self._begin_call(key, events)
         for index in self._open:
             events.append(StreamEvent(EventKind.BLOCK_STOP, index=index))
         self._open = []
@@ -783,12 +790,19 @@ class ChatStreamDecoder:
             for call in delta.get("tool_calls") or ():
                 key = ("tool", call.get("index", 0))
                 fn = call.get("function") or {}
+                arguments = fn.get("arguments")
                 index = self._blocks.get(key)
                 if index is None:
-                    index = self._block(
-                        key, events, EventKind.TOOL_CALL_START, id=call.get("id") or _call_id(), name=fn.get("name") or ""
-                    )
-                arguments = fn.get("arguments")
+                    # The call begins once its arguments do: until then its name may still be
+                    # coming in pieces ("get_", "weather"), as some servers send it.
+                    naming = self._naming.setdefault(key, [None, ""])
+                    naming[0] = naming[0] or call.get("id")
+                    piece = fn.get("name")
+                    if isinstance(piece, str) and piece != naming[1]:  # a repeated whole name is not a piece
+                        naming[1] += piece
+                    if not arguments:
+                        continue
+                    index = self._begin_call(key, events)
                 if arguments:
                     events.append(StreamEvent(EventKind.TOOL_CALL_DELTA, index=index, text=arguments))
             finish = choice.get("finish_reason")
