@@ -9,6 +9,7 @@ written by llmproxy, and a literal key in the file is refused.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -71,7 +72,11 @@ class SecretRef:
         return self._cached
 
     def describe(self) -> str:
-        return f"environment variable {self.name}" if self.kind == "env" else f"keyring entry {self.name}"
+        if self.kind == "env":
+            return f"environment variable {self.name}"
+        if importlib.util.find_spec("keyring") is None:
+            return f"keyring entry {self.name} (the keyring package is not installed: pip install 'llmproxy[keyring]')"
+        return f"keyring entry {self.name}"
 
     def __repr__(self) -> str:  # never the value
         return f"SecretRef({self.ref!r})"

@@ -129,6 +129,7 @@ def test_secret_ref_keyring_parsing_without_keyring(monkeypatch: pytest.MonkeyPa
     assert ref.describe() == "keyring entry llmproxy/openai"
     monkeypatch.setitem(sys.modules, "keyring", None)  # makes `import keyring` fail
     assert ref.get() is None
+    assert "the keyring package is not installed: pip install 'llmproxy[keyring]'" in ref.describe()
 
 
 def test_secret_ref_keyring_lookup(monkeypatch: pytest.MonkeyPatch) -> None:

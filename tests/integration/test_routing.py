@@ -221,6 +221,42 @@ async def test_round_robin_keys_rotate(fake_openai: FakeOpenAI, start: Start, ht
     assert [r.key for r in fake_openai.requests] == [K0, K1, K2, K0, K1, K2]
 
 
+async def test_keys_from_the_os_keyring_rotate_with_the_others(fake_openai: FakeOpenAI, start: Start, http: aiohttp.ClientSession) -> None:
+    """``keyring:service/name`` through the real keyring package, with an in-memory backend
+    standing in for the OS's: resolved once, sent as any key, never shown."""
+    import keyring
+    from keyring.backend import KeyringBackend
+
+    class MemoryKeyring(KeyringBackend):
+        priority = 1  # type: ignore[assignment]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.store: dict[tuple[str, str], str] = {}
+
+        def get_password(self, service: str, username: str) -> str | None:
+            return self.store.get((service, username))
+
+        def set_password(self, service: str, username: str, password: str) -> None:
+            self.store[(service, username)] = password
+
+        def delete_password(self, service: str, username: str) -> None:
+            self.store.pop((service, username), None)
+
+    previous = keyring.get_keyring()
+    keyring.set_keyring(MemoryKeyring())
+    try:
+        keyring.set_password("llmproxy", "openai-spare", "sk-from-the-keyring-5e6f")
+        settings = backend(fake_openai, keys=1, key_strategy="round_robin")
+        settings["api_keys"].append("keyring:llmproxy/openai-spare")
+        proxy = await start({"backends": {"up": settings}, "default_backend": "up"})
+        await models_served(http, proxy, fake_openai, "gpt-4o-mini", 4)
+        assert [r.key for r in fake_openai.requests] == [K0, "sk-from-the-keyring-5e6f"] * 2
+        assert "sk-from-the-keyring" not in json.dumps(proxy.context.backend_status(), default=str)
+    finally:
+        keyring.set_keyring(previous)
+
+
 async def test_fill_first_uses_the_first_key(fake_openai: FakeOpenAI, start: Start, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
     proxy = await start({"backends": {"up": backend(fake_openai, keys=3)}, "default_backend": "up"})
     await models_served(http, proxy, fake_openai, "gpt-4o-mini", 3)
