@@ -418,3 +418,9 @@ def test_a_tool_name_sent_in_pieces_is_joined(pieces: list[str], name: str, argu
         assert starts == [("call_1", name)]
         assert "".join(e.text for e in events if e.kind == EventKind.TOOL_CALL_DELTA) == arguments
         assert [e.kind for e in events][-2:] == [EventKind.BLOCK_STOP, EventKind.STOP]
+
+
+def test_a_stream_of_nothing_but_done_is_an_error_not_an_empty_answer() -> None:
+    decoder = ChatStreamDecoder()
+    with pytest.raises(ProxyError, match="before sending any answer"):
+        decoder.feed(b"data: [DONE]\n\n")

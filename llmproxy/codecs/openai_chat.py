@@ -751,6 +751,10 @@ class ChatStreamDecoder:
         if self._done:
             return
         if data == b"[DONE]":
+            if not self._started:
+                # [DONE] before any chunk: no answer at all, not an empty one (which would
+                # still have had a chunk with its finish reason)
+                raise ProxyError(502, "upstream stream ended before sending any answer", kind="api_error")
             self._finish(events)
             return
         try:
