@@ -283,9 +283,12 @@ def route_group() -> None:
 @click.option("--model", help="The model, when the body has none (Gemini puts it in the URL).")
 @click.option("--url", help="Ask a running llmproxy (its live breakers, rate windows and key rests) through its admin API instead of reading the config.")
 @click.option("--admin-key", envvar="LLMPROXY_ADMIN_KEY", help="The admin key for --url (or LLMPROXY_ADMIN_KEY).")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help="Config file (default: --config of llmproxy).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def route_explain(ctx: click.Context, request_file: Any, protocol: str, model: str | None, url: str | None, admin_key: str | None, as_json: bool) -> None:
+def route_explain(
+    ctx: click.Context, request_file: Any, protocol: str, model: str | None, url: str | None, admin_key: str | None, config_path: str | None, as_json: bool
+) -> None:
     """The targets a request would be tried on, in order, each eligible or skipped and why:
     capability, health, circuit breaker, rate limit, keys. Changes nothing. Without --url the
     state is a fresh start's (every breaker closed, every window empty)."""
@@ -303,7 +306,7 @@ def route_explain(ctx: click.Context, request_file: Any, protocol: str, model: s
     if url:
         report = _remote_explain(url, admin_key, body, chosen, model)
     else:
-        config, host = _load_or_exit(ctx.obj["config_path"], 2)
+        config, host = _load_or_exit(config_path or ctx.obj["config_path"], 2)
         from .context import ProxyContext
 
         report = explain(ProxyContext(config, host), body, chosen, model)

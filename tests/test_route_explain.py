@@ -58,7 +58,7 @@ def test_explain_json_and_an_unroutable_model(tmp_path: Path) -> None:
     config = write_config(tmp_path, CONFIG)
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"model": "nobody", "max_tokens": 10, "system": "x", "messages": [{"role": "user", "content": "hi"}]}))
-    done = run_cli("--config", str(config), "route", "explain", "--file", str(request), "--json", env=env())
+    done = run_cli("route", "explain", "--config", str(config), "--file", str(request), "--json", env=env())  # --config after the command too
     assert done.returncode == 1
     report = json.loads(done.stdout)
     assert report["protocol"] == "anthropic" and report["first"] is None and "does not exist here" in report["error"]
