@@ -192,6 +192,17 @@ class OpenAIResponsesCodec:
                 text = "\n\n".join(s.get("text", "") for s in summary if isinstance(s, dict))
                 extra = {k: v for k, v in item.items() if k not in ("type", "encrypted_content")}
                 _assistant(messages).parts.append(ThinkingPart(text=text, signature=item.get("encrypted_content"), protocol=PROTOCOL, extra=extra))
+            elif kind == "additional_tools":
+                # Tools declared as an input item (Codex's built-in provider does so): its
+                # functions are tools like any; the rest (namespaces, custom tools) only a
+                # Responses backend can run, so the item is kept whole for one. It is no
+                # message: the developer messages after it are still the system prompt.
+                request.extra.setdefault("_additional_tools", []).append(item)
+                for tool in item.get("tools") or ():
+                    if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("name"), str):
+                        extra = {k: v for k, v in tool.items() if k not in ("type", "name", "description", "parameters", "strict")}
+                        request.tools.append(Tool(tool["name"], tool.get("description"), tool.get("parameters") or {"type": "object", "properties": {}},
+                                                  tool.get("strict"), {**extra, "_additional": True}))
             else:
                 leading = False
                 # Other item types (custom tool calls, shell calls, references …) only make
@@ -206,7 +217,7 @@ class OpenAIResponsesCodec:
         same = request.protocol == PROTOCOL
         body: dict[str, Any] = public_extra(request.extra) if same else {}
         body["model"] = model
-        items: list[dict[str, Any]] = []
+        items: list[dict[str, Any]] = list(request.extra.get("_additional_tools", ())) if same else []
         instructions = []
         last_index = None
         for part in request.system:
@@ -243,6 +254,8 @@ class OpenAIResponsesCodec:
                 body[key] = params[key]
         tools = []
         for tool in request.tools:
+            if same and tool.extra.get("_additional"):
+                continue  # in its additional_tools item, above
             entry: dict[str, Any] = {"type": "function", "name": tool.name}
             if tool.description is not None:
                 entry["description"] = tool.description
@@ -251,7 +264,7 @@ class OpenAIResponsesCodec:
                 # The Responses API makes functions strict unless told otherwise.
                 entry["strict"] = bool(tool.strict)
             if same:
-                entry.update(tool.extra)
+                entry.update(public_extra(tool.extra))
             tools.append(entry)
         if same:
             for position, tool in request.extra.get("_other_tools", ()):

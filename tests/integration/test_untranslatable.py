@@ -255,3 +255,44 @@ async def test_an_image_a_tool_returned_reaches_chat_and_gemini_beside_the_resul
     last = fake_gemini.last.json["contents"][-1]
     assert last["role"] == "user" and last["parts"][0]["functionResponse"]["response"] == {"output": "the screenshot"}
     assert {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}} in last["parts"]
+
+
+async def test_codex_tools_declared_as_an_input_item_keep_the_system_prompt(proxy: RunningProxy, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic) -> None:
+    """Codex's built-in provider declares tools in an ``additional_tools`` input item (its
+    shape, from a recorded request, trimmed) ahead of the developer messages: its functions
+    are tools for any backend, its namespace stays for Responses backends, and the developer
+    messages after it are still the system prompt, not demoted to an empty user turn."""
+    body = {
+        "model": "chat:gpt-4o-mini", "stream": False,
+        "input": [
+            {"type": "additional_tools", "id": "at_1", "role": "developer", "tools": [
+                {"type": "namespace", "name": "functions", "description": "", "tools": [{"type": "custom", "name": "exec", "description": "Run JavaScript"}]},
+                {"type": "function", "name": "shell", "description": "Run a command", "parameters": {"type": "object", "properties": {"command": {"type": "string"}}}},
+            ]},
+            {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "You are Codex."}]},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "run echo hi"}]},
+        ],
+    }
+    assert (await post(proxy, "/v1/responses", body))[0] == 200
+    chat = fake_openai.last.json
+    assert chat["messages"][0] == {"role": "system", "content": "You are Codex."}
+    assert [m["role"] for m in chat["messages"]] == ["system", "user"]
+    assert [t["function"]["name"] for t in chat["tools"]] == ["shell"]
+    assert (await post(proxy, "/v1/responses", {**body, "model": "claude:claude-sonnet-4-5"}))[0] == 200
+    sent = fake_anthropic.last.json
+    assert "You are Codex." in json.dumps(sent["system"]) and [m["role"] for m in sent["messages"]] == ["user"]
+    assert [t["name"] for t in sent["tools"]] == ["shell"]
+
+
+def test_an_additional_tools_item_goes_back_to_a_responses_backend_as_it_came() -> None:
+    from llmproxy.codecs import get_codec
+
+    codec = get_codec("openai_responses")
+    item = {"type": "additional_tools", "id": "at_1", "role": "developer", "tools": [
+        {"type": "namespace", "name": "functions", "tools": []}, {"type": "function", "name": "shell", "parameters": {"type": "object"}}]}
+    body = {"model": "m", "input": [item, {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "You are Codex."}]},
+                                    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}
+    request = codec.decode_request(body)
+    again = codec.encode_request(request, "m")
+    assert again["input"][0] == item and "tools" not in again
+    assert [i.get("role") for i in again["input"][1:]] == ["developer", "user"]
