@@ -424,3 +424,21 @@ def test_a_stream_of_nothing_but_done_is_an_error_not_an_empty_answer() -> None:
     decoder = ChatStreamDecoder()
     with pytest.raises(ProxyError, match="before sending any answer"):
         decoder.feed(b"data: [DONE]\n\n")
+
+
+def test_a_reasoning_summary_sent_only_with_the_finished_item_is_thinking() -> None:
+    """Streamed as non-streamed: a Responses server that puts the summary only in
+    output_item.done still gives the client its thinking."""
+    def frame(data: dict[str, Any]) -> bytes:
+        return b"event: " + data["type"].encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+    item = {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "thinking resp"}]}
+    stream = b"".join([
+        frame({"type": "response.created", "response": {"id": "resp_1", "model": "m"}}),
+        frame({"type": "response.output_item.added", "output_index": 0, "item": {**item, "summary": []}}),
+        frame({"type": "response.output_item.done", "output_index": 0, "item": item}),
+        frame({"type": "response.completed", "response": {"id": "resp_1", "usage": {"input_tokens": 1, "output_tokens": 2}}}),
+    ])
+    decoder = get_codec("openai_responses").stream_decoder()
+    events = decoder.feed(stream) + decoder.close()
+    assert "".join(e.text or "" for e in events if e.kind == EventKind.THINKING) == "thinking resp"

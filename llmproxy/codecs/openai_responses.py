@@ -590,7 +590,7 @@ class ResponsesStreamDecoder:
     """Responses SSE events → canonical events (block index = output_index, plus one per
     reasoning summary part so summaries stay separate)."""
 
-    __slots__ = ("_sse", "_failed", "_emitted", "_done", "_calls", "_has_call", "_text_seen")
+    __slots__ = ("_sse", "_failed", "_emitted", "_done", "_calls", "_has_call", "_text_seen", "_summarised")
 
     def __init__(self) -> None:
         self._sse = SSESplitter()
@@ -600,6 +600,7 @@ class ResponsesStreamDecoder:
         self._calls: dict[int, str] = {}
         self._has_call = False
         self._text_seen: set[int] = set()
+        self._summarised: set[int] = set()  # output indexes whose reasoning summary streamed
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         if self._failed is not None:
@@ -638,6 +639,7 @@ class ResponsesStreamDecoder:
         elif kind == "response.function_call_arguments.delta":
             events.append(StreamEvent(EventKind.TOOL_CALL_DELTA, index=event.get("output_index", 0), text=event.get("delta", "")))
         elif kind == "response.reasoning_summary_text.delta":
+            self._summarised.add(event.get("output_index", 0))
             events.append(StreamEvent(EventKind.THINKING, index=event.get("output_index", 0), text=event.get("delta", "")))
         elif kind == "response.output_item.added":
             item = event.get("item") or {}
@@ -655,6 +657,12 @@ class ResponsesStreamDecoder:
             item = event.get("item") or {}
             index = event.get("output_index", 0)
             if item.get("type") == "reasoning":
+                if index not in self._summarised:
+                    # a server that sends the summary only with the finished item: the
+                    # same thinking a non-streamed answer would have
+                    summary = "\n\n".join(s.get("text", "") for s in item.get("summary") or () if isinstance(s, dict) and isinstance(s.get("text"), str))
+                    if summary:
+                        events.append(StreamEvent(EventKind.THINKING, index=index, text=summary))
                 extra = {"id": item.get("id"), "signed_by": PROTOCOL}
                 events.append(StreamEvent(EventKind.THINKING, index=index, signature=item.get("encrypted_content"), extra=extra))
             elif item.get("type") not in ("message", "function_call", "reasoning"):
