@@ -11,6 +11,8 @@ with a concrete fix. Key values are never part of any result: keys are named
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -177,6 +179,18 @@ def tokenizer_check() -> Check:
     return Check(True, "tokenizer", f"{ENCODING} loads offline")
 
 
+def port_taken(host: str, port: int) -> bool:
+    """Whether something listens on ``host:port`` already (binding as the server would)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's site does
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
 def bind_checks(config: Config) -> list[Check]:
     from .app import check_bind
 
@@ -193,6 +207,10 @@ def bind_checks(config: Config) -> list[Check]:
             checks.append(Check(True, "bind", f"{where} is loopback: only this machine can connect"))
         else:
             checks.append(Check(True, "bind", f"{where} is open to the network; every request needs one of {len(config.auth.api_keys)} client keys"))
+    if proxy.port and port_taken(proxy.host, proxy.port):
+        # Not a failure: the process listening there may be this very llmproxy, running.
+        checks.append(Check(None, "port", f"{where} is in use by another process: a new llmproxy could not listen there",
+                            "stop that process (nothing to do if it is this llmproxy, running), or choose another with --port or proxy.port"))
     for i, entry in enumerate(config.auth.api_keys):
         if entry.key.get() is None:
             checks.append(Check(False, f"auth.api_keys[{i}] ({entry.name})", f"{entry.key.describe()} is not set", key_fix(entry.key)))

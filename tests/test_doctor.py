@@ -74,6 +74,21 @@ async def test_doctor_passes_a_healthy_setup(tmp_path: Path, upstreams: tuple[Li
     assert good.list_headers[0]["Authorization"] == f"Bearer {GOOD}"
 
 
+async def test_doctor_says_when_the_port_is_taken(tmp_path: Path, upstreams: tuple[ListingOpenAI, ListingOpenAI]) -> None:
+    import socket
+
+    good, _ = upstreams
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out = await cli("doctor", "--config", config(tmp_path, good, extra=f"proxy: {{port: {port}}}\n"))
+    assert code == 0, out  # a note, not a failure: it may be this llmproxy, running
+    assert f"- port: 127.0.0.1:{port} is in use by another process" in out and "--port or proxy.port" in out
+    code, out = await cli("doctor", "--config", config(tmp_path, good, extra=f"proxy: {{port: {port}}}\n"))
+    assert "- port:" not in out  # free again
+
+
 async def test_doctor_names_each_failure_with_its_fix(tmp_path: Path, upstreams: tuple[ListingOpenAI, ListingOpenAI]) -> None:
     good, bad = upstreams
     port = free_port()
