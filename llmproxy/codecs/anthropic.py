@@ -32,7 +32,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, array, dumps, held_back, loads, public_extra, sse_frame, string
+from .base import SSEStreamDecoder, array, dumps, loads, public_extra, sse_frame, string
 
 PROTOCOL = "anthropic"
 DEFAULT_MAX_TOKENS = 8192
@@ -568,45 +568,24 @@ def _append(out: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) 
         out.append({"role": role, "content": list(blocks)})
 
 
-class AnthropicStreamDecoder:
+class AnthropicStreamDecoder(SSEStreamDecoder):
     """Anthropic SSE events → canonical events."""
 
-    __slots__ = ("_sse", "_failed", "_emitted", "_stop", "_usage", "_done", "_kinds")
+    __slots__ = ("_stop", "_usage", "_done", "_kinds")
 
     def __init__(self) -> None:
-        self._sse = SSESplitter()
-        self._failed: ProxyError | None = None  # see held_back
-        self._emitted = False  # some feed returned events
+        super().__init__()
         self._stop: str | None = None
         self._usage = Usage()
         self._done = False
         self._kinds: dict[int, str] = {}
 
-    def feed(self, chunk: bytes) -> list[StreamEvent]:
-        if self._failed is not None:
-            raise self._failed
-        events: list[StreamEvent] = []
-        try:
-            for name, data in self._sse.feed(chunk):
-                self._frame(name, data, events)
-        except ProxyError as error:
-            self._failed = held_back(error, events, self._emitted)
-        if events:
-            self._emitted = True
-        return events
-
-    def close(self) -> list[StreamEvent]:
-        if self._failed is not None:
-            raise self._failed
-        events: list[StreamEvent] = []
-        for name, data in self._sse.close():
-            self._frame(name, data, events)
+    def _end(self, events: list[StreamEvent]) -> None:
         if not self._done:
             if self._stop is None:
                 raise ProxyError(502, "upstream stream ended before message_stop")
             events.append(StreamEvent(EventKind.STOP, stop_reason=self._stop, usage=self._usage))
             self._done = True
-        return events
 
     def _frame(self, name: str | None, data: bytes, events: list[StreamEvent]) -> None:
         if self._done or not data:

@@ -86,17 +86,6 @@ def string(value: Any, where: str) -> str:
     raise ProxyError(400, f"{where} must be a string", param=where)
 
 
-def held_back(error: ProxyError, events: list[StreamEvent], emitted: bool) -> ProxyError:
-    """For a stream decoder's ``feed`` that met ``error`` in a read after decoding
-    ``events``: returns it, for the decoder to raise at its next ``feed`` or ``close``, so
-    the events before a broken frame still reach a client already reading the stream
-    (``emitted``: an earlier read gave events). Raises it at once otherwise: a stream broken
-    in its first read with events has shown nothing yet, and may still fail over whole."""
-    if not events or not emitted:
-        raise error
-    return error
-
-
 def dumps(obj: Any) -> bytes:
     try:
         return orjson.dumps(obj)
@@ -186,6 +175,59 @@ class SSESplitter:
             return []
         frame = _parse_frame(rest)
         return [frame] if frame is not None else []
+
+
+class SSEStreamDecoder:
+    """The shared frame of the SSE stream decoders (:class:`StreamDecoder`): ``feed`` splits
+    frames with :class:`SSESplitter` and hands each to ``_frame``; ``close`` hands over what
+    is left and calls ``_end``, which finishes the stream or raises if it was cut short.
+
+    One rule lives here for all of them: a frame that fails to decode in a read that gave
+    good events before it, once the client is reading (an earlier read gave events), does
+    not take those events down with it: they are returned, and the error is raised at the
+    next ``feed`` or ``close``. A stream that breaks in its first read with events raises at
+    once: it has shown nothing yet and may still fail over whole."""
+
+    __slots__ = ("_sse", "_failed", "_emitted")
+
+    def __init__(self) -> None:
+        self._sse = SSESplitter()
+        self._failed: ProxyError | None = None  # held for the next call
+        self._emitted = False  # some feed returned events
+
+    def feed(self, chunk: bytes) -> list[StreamEvent]:
+        if self._failed is not None:
+            raise self._failed
+        events: list[StreamEvent] = []
+        try:
+            self._read(chunk, events)
+        except ProxyError as error:
+            if not events or not self._emitted:
+                raise
+            self._failed = error
+        if events:
+            self._emitted = True
+        return events
+
+    def close(self) -> list[StreamEvent]:
+        if self._failed is not None:
+            raise self._failed
+        events: list[StreamEvent] = []
+        for name, data in self._sse.close():
+            self._frame(name, data, events)
+        self._end(events)
+        return events
+
+    def _read(self, chunk: bytes, events: list[StreamEvent]) -> None:
+        """Append the events of the frames ``chunk`` completes (a decoder may map faster)."""
+        for name, data in self._sse.feed(chunk):
+            self._frame(name, data, events)
+
+    def _frame(self, name: str | None, data: bytes, events: list[StreamEvent]) -> None:
+        raise NotImplementedError
+
+    def _end(self, events: list[StreamEvent]) -> None:
+        raise NotImplementedError
 
 
 def _parse_frame(raw: bytes) -> tuple[str | None, bytes] | None:

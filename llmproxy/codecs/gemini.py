@@ -34,7 +34,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, array, dumps, held_back, loads, sse_frame, string
+from .base import SSEStreamDecoder, array, dumps, loads, sse_frame, string
 
 PROTOCOL = "gemini"
 SKIP_SIGNATURE = "skip_thought_signature_validator"
@@ -586,15 +586,13 @@ def _merge_chunks(chunks: list[Any]) -> dict[str, Any]:
     return merged
 
 
-class GeminiStreamDecoder:
+class GeminiStreamDecoder(SSEStreamDecoder):
     """Gemini SSE chunks (each a GenerateContentResponse) → canonical events."""
 
-    __slots__ = ("_sse", "_failed", "_emitted", "_started", "_finish", "_usage", "_index", "_kind", "_calls", "_done")
+    __slots__ = ("_started", "_finish", "_usage", "_index", "_kind", "_calls", "_done")
 
     def __init__(self) -> None:
-        self._sse = SSESplitter()
-        self._failed: ProxyError | None = None  # see held_back
-        self._emitted = False  # some feed returned events
+        super().__init__()
         self._started = False
         self._finish: str | None = None
         self._usage: Usage | None = None
@@ -603,25 +601,7 @@ class GeminiStreamDecoder:
         self._calls = False
         self._done = False
 
-    def feed(self, chunk: bytes) -> list[StreamEvent]:
-        if self._failed is not None:
-            raise self._failed
-        events: list[StreamEvent] = []
-        try:
-            for _, data in self._sse.feed(chunk):
-                self._frame(data, events)
-        except ProxyError as error:
-            self._failed = held_back(error, events, self._emitted)
-        if events:
-            self._emitted = True
-        return events
-
-    def close(self) -> list[StreamEvent]:
-        if self._failed is not None:
-            raise self._failed
-        events: list[StreamEvent] = []
-        for _, data in self._sse.close():
-            self._frame(data, events)
+    def _end(self, events: list[StreamEvent]) -> None:
         if self._finish is None:
             raise ProxyError(502, "upstream stream ended without a finishReason")
         if self._kind is not None:
@@ -632,7 +612,6 @@ class GeminiStreamDecoder:
             stop = "tool_use"
         events.append(StreamEvent(EventKind.STOP, stop_reason=stop, usage=self._usage))
         self._done = True
-        return events
 
     def _switch(self, kind: str, events: list[StreamEvent]) -> int:
         if self._kind != kind or kind == "call":
@@ -642,7 +621,7 @@ class GeminiStreamDecoder:
             self._kind = kind
         return self._index
 
-    def _frame(self, data: bytes, events: list[StreamEvent]) -> None:
+    def _frame(self, name: str | None, data: bytes, events: list[StreamEvent]) -> None:
         if self._done or not data:
             return
         try:

@@ -30,7 +30,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, array, dumps, held_back, loads, sse_frame
+from .base import SSESplitter, SSEStreamDecoder, array, dumps, loads, sse_frame
 
 PROTOCOL = "openai_chat"
 
@@ -556,7 +556,7 @@ _LEARN_ATTEMPTS = 3  # text chunks looked at for that shape before giving up on 
 _SEGMENT = 32 * 1024  # bytes of frames mapped at a time (see ChatStreamDecoder._whole_frames)
 
 
-class ChatStreamDecoder:
+class ChatStreamDecoder(SSEStreamDecoder):
     """Chat completion chunks → canonical events for the first choice.
 
     Bulk fast path: once a stream has sent a plain text chunk (see ``_PLAIN_TEXT_CHUNK``),
@@ -567,12 +567,10 @@ class ChatStreamDecoder:
     (tests/test_stream_fast_paths.py).
     """
 
-    __slots__ = ("_sse", "_failed", "_emitted", "_started", "_blocks", "_naming", "_next_index", "_open", "_stop", "_usage", "_done", "_frame_head", "_frame_tail", "_learn")
+    __slots__ = ("_started", "_blocks", "_naming", "_next_index", "_open", "_stop", "_usage", "_done", "_frame_head", "_frame_tail", "_learn")
 
     def __init__(self) -> None:
-        self._sse = SSESplitter()
-        self._failed: ProxyError | None = None  # see held_back
-        self._emitted = False  # some feed returned events
+        super().__init__()
         self._started = False
         self._blocks: dict[Any, int] = {}  # "text" | "thinking" | tool index -> canonical index
         self._naming: dict[Any, list[Any]] = {}  # tool index -> [id, name so far], until its arguments begin
@@ -587,22 +585,13 @@ class ChatStreamDecoder:
         self._frame_tail = b""
         self._learn = _LEARN_ATTEMPTS
 
-    def feed(self, chunk: bytes) -> list[StreamEvent]:
-        if self._failed is not None:
-            raise self._failed
-        events: list[StreamEvent] = []
-        try:
-            frames = self._sse.whole_frames(chunk) if self._frame_head or self._learn else None
-            if frames is not None:
-                self._whole_frames(*frames, events)
-            else:
-                for event_name, data in self._sse.feed(chunk):
-                    self._frame(event_name, data, events)
-        except ProxyError as error:
-            self._failed = held_back(error, events, self._emitted)
-        if events:
-            self._emitted = True
-        return events
+    def _read(self, chunk: bytes, events: list[StreamEvent]) -> None:
+        frames = self._sse.whole_frames(chunk) if self._frame_head or self._learn else None
+        if frames is not None:
+            self._whole_frames(*frames, events)
+        else:
+            for event_name, data in self._sse.feed(chunk):
+                self._frame(event_name, data, events)
 
     def _whole_frames(self, whole: bytes, rest: bytes, events: list[StreamEvent]) -> None:
         """Append the events of the complete frames ``whole`` (LF line ends only) to
@@ -679,17 +668,11 @@ class ChatStreamDecoder:
             self._frame_head = b"data: " + data[: match.start(1)]
             self._frame_tail = data[match.end(1) :] + b"\n\n"
 
-    def close(self) -> list[StreamEvent]:
-        if self._failed is not None:
-            raise self._failed
-        events: list[StreamEvent] = []
-        for event_name, data in self._sse.close():
-            self._frame(event_name, data, events)
+    def _end(self, events: list[StreamEvent]) -> None:
         if not self._done:
             if self._stop is None:
                 raise ProxyError(502, "upstream stream ended before the response was complete")
             self._finish(events)
-        return events
 
     def _block(self, key: Any, events: list[StreamEvent], kind: str | None = None, **start: Any) -> int:
         index = self._blocks.get(key)

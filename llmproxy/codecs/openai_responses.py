@@ -36,7 +36,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, array, dumps, held_back, loads, public_extra, sse_frame, string
+from .base import SSEStreamDecoder, array, dumps, loads, public_extra, sse_frame, string
 from .openai_chat import effort_for_budget, file_from_data, file_to_data, image_from_url, image_to_url
 
 PROTOCOL = "openai_responses"
@@ -586,44 +586,23 @@ def _response_object(response_id: str | None, model: str, status: str, output: l
     return body
 
 
-class ResponsesStreamDecoder:
+class ResponsesStreamDecoder(SSEStreamDecoder):
     """Responses SSE events → canonical events (block index = output_index, plus one per
     reasoning summary part so summaries stay separate)."""
 
-    __slots__ = ("_sse", "_failed", "_emitted", "_done", "_calls", "_has_call", "_text_seen", "_summarised")
+    __slots__ = ("_done", "_calls", "_has_call", "_text_seen", "_summarised")
 
     def __init__(self) -> None:
-        self._sse = SSESplitter()
-        self._failed: ProxyError | None = None  # see held_back
-        self._emitted = False  # some feed returned events
+        super().__init__()
         self._done = False
         self._calls: dict[int, str] = {}
         self._has_call = False
         self._text_seen: set[int] = set()
         self._summarised: set[int] = set()  # output indexes whose reasoning summary streamed
 
-    def feed(self, chunk: bytes) -> list[StreamEvent]:
-        if self._failed is not None:
-            raise self._failed
-        events: list[StreamEvent] = []
-        try:
-            for name, data in self._sse.feed(chunk):
-                self._frame(name, data, events)
-        except ProxyError as error:
-            self._failed = held_back(error, events, self._emitted)
-        if events:
-            self._emitted = True
-        return events
-
-    def close(self) -> list[StreamEvent]:
-        if self._failed is not None:
-            raise self._failed
-        events: list[StreamEvent] = []
-        for name, data in self._sse.close():
-            self._frame(name, data, events)
+    def _end(self, events: list[StreamEvent]) -> None:
         if not self._done:
             raise ProxyError(502, "upstream stream ended before response.completed")
-        return events
 
     def _frame(self, name: str | None, data: bytes, events: list[StreamEvent]) -> None:
         if self._done or not data or data == b"[DONE]":
