@@ -45,12 +45,6 @@ _SNAKE = {
     "safety_settings": "safetySettings",
     "cached_content": "cachedContent",
 }
-def _is_document(media_type: Any) -> bool:
-    """Gemini's inline and file data carry any media: images stay images, the rest
-    (PDFs, text, audio, video) are files to the other protocols."""
-    return isinstance(media_type, str) and not media_type.startswith("image/")
-
-
 _PART_SNAKE = {"inline_data": "inlineData", "file_data": "fileData", "function_call": "functionCall", "function_response": "functionResponse", "thought_signature": "thoughtSignature"}
 _KNOWN_KEYS = frozenset(("model", "stream", "contents", "systemInstruction", "tools", "toolConfig", "generationConfig"))
 FINISH_TO_STOP = {
@@ -403,6 +397,12 @@ def encode_usage(usage: Usage) -> dict[str, Any]:
     if usage.cached_input_tokens:
         body["cachedContentTokenCount"] = usage.cached_input_tokens
     return body
+
+
+def _is_document(media_type: Any) -> bool:
+    """Gemini's inline and file data carry any media: images stay images, the rest
+    (PDFs, text, audio, video) are files to the other protocols."""
+    return isinstance(media_type, str) and not media_type.startswith("image/")
 
 
 def _call_id(name: str) -> str:

@@ -406,13 +406,18 @@ def _decode_content(content: Any, where: str) -> list[Part]:
     return parts
 
 
+def _data_url(url: str) -> tuple[str, str] | None:
+    """(media type, base64 data) of a ``data:…;base64,…`` URL, else None."""
+    if url.startswith("data:") and ";base64," in url:
+        header, data = url[5:].split(";base64,", 1)
+        return header, data
+    return None
+
+
 def file_from_data(data: str, name: Any = None, extra: dict[str, Any] | None = None) -> FilePart:
     """OpenAI's ``file_data``: a data: URL, or (as some clients send it) bare base64 of a PDF."""
-    media_type = "application/pdf"
-    if data.startswith("data:") and ";base64," in data:
-        header, data = data[5:].split(";base64,", 1)
-        media_type = header or media_type
-    return FilePart(data=data, media_type=media_type, name=name if isinstance(name, str) and name else None, extra=extra or {})
+    media_type, data = _data_url(data) or ("application/pdf", data)
+    return FilePart(data=data, media_type=media_type or "application/pdf", name=name if isinstance(name, str) and name else None, extra=extra or {})
 
 
 def file_to_data(part: FilePart) -> str:
@@ -421,9 +426,9 @@ def file_to_data(part: FilePart) -> str:
 
 def image_from_url(url: str, extra: dict[str, Any] | None = None) -> ImagePart:
     """A data: URL becomes inline data with its media type; anything else stays a URL."""
-    if url.startswith("data:") and ";base64," in url:
-        header, data = url[5:].split(";base64,", 1)
-        return ImagePart(data=data, media_type=header or "application/octet-stream", extra=extra or {})
+    inline = _data_url(url)
+    if inline is not None:
+        return ImagePart(data=inline[1], media_type=inline[0] or "application/octet-stream", extra=extra or {})
     return ImagePart(url=url, extra=extra or {})
 
 

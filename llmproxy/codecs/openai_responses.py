@@ -118,8 +118,7 @@ class OpenAIResponsesCodec:
             if tool.get("type") == "function":
                 if not isinstance(tool.get("name"), str):
                     raise bad_request(f"tools[{i}].name is required", f"tools[{i}].name")
-                extra = {k: v for k, v in tool.items() if k not in ("type", "name", "description", "parameters", "strict")}
-                request.tools.append(Tool(tool["name"], tool.get("description"), tool.get("parameters") or {"type": "object", "properties": {}}, tool.get("strict"), extra))
+                request.tools.append(_function_tool(tool))
             else:
                 other_tools.append((i, tool))  # with its position, to put it back in place
         if other_tools:
@@ -200,9 +199,7 @@ class OpenAIResponsesCodec:
                 request.extra.setdefault("_additional_tools", []).append(item)
                 for tool in item.get("tools") or ():
                     if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("name"), str):
-                        extra = {k: v for k, v in tool.items() if k not in ("type", "name", "description", "parameters", "strict")}
-                        request.tools.append(Tool(tool["name"], tool.get("description"), tool.get("parameters") or {"type": "object", "properties": {}},
-                                                  tool.get("strict"), {**extra, "_additional": True}))
+                        request.tools.append(_function_tool(tool, _additional=True))
             else:
                 leading = False
                 # Other item types (custom tool calls, shell calls, references …) only make
@@ -377,6 +374,12 @@ def _assistant(messages: list[Message]) -> Message:
     message = Message(role="assistant")
     messages.append(message)
     return message
+
+
+def _function_tool(tool: dict[str, Any], **notes: Any) -> Tool:
+    """A ``function`` tool declaration; ``notes`` are the codec's own (``_``-prefixed) extras."""
+    extra = {k: v for k, v in tool.items() if k not in ("type", "name", "description", "parameters", "strict")}
+    return Tool(tool["name"], tool.get("description"), tool.get("parameters") or {"type": "object", "properties": {}}, tool.get("strict"), {**extra, **notes})
 
 
 def _decode_content(content: Any, where: str) -> list[Part]:
