@@ -499,10 +499,6 @@ async def _fail(flow: Flow, ctx: ProxyContext, writer: "Writer", error: ProxyErr
 
 async def _done(flow: Flow, ctx: ProxyContext) -> None:
     flow.ended = time.monotonic()
-    if flow.error is not None:
-        # An error that never went through _fail (a forwarded stream's own error event, which
-        # the client has seen as the backend sent it) is masked for the record all the same.
-        flow.error.message = ctx.redactor.text(flow.error.message)
     if flow.routing is not None and "rate_entries" in flow.routing:
         settle_rate_limits(flow)
     if ctx.chains.flow_done:
@@ -713,7 +709,9 @@ class Writer:
                 if not error.in_stream:
                     raise
                 # The backend's own error event has reached the client already, in its
-                # protocol: a second error frame from us would be off-protocol.
+                # protocol: a second error frame from us would be off-protocol. The flow's
+                # record is masked as _fail masks every other error.
+                error.message = flow.context.redactor.text(error.message)  # type: ignore[union-attr]
                 flow.error = error
                 await response.write_eof()
                 return

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar
 import aiohttp
 import yarl
 
-from .canonical import OpaquePart, Request, Response, StreamEvent
+from .canonical import Response, StreamEvent
 from .codecs import get_codec
 from .codecs.base import dumps, loads
 from .config import BackendConfig
@@ -428,7 +428,6 @@ class HTTPProvider(Provider):
             return body
         request = flow.request
         request.stream = stream
-        _refuse_untranslatable(request, self.name, self.protocol)
         return get_codec(self.protocol).encode_request(request, target.model)
 
     def error_message(self, status: int, payload: bytes) -> str:
@@ -648,20 +647,6 @@ class HTTPProvider(Provider):
             response.close()
 
         return UpstreamStream(self.protocol, chunks=chunks(), on_close=close)
-
-
-def _refuse_untranslatable(request: Request, backend: str, protocol: str) -> None:
-    """A 400 naming the first part the model must see that ``protocol`` has no form for
-    (see :class:`OpaquePart`), rather than a request sent without it."""
-    for message in request.messages:
-        for part in message.parts:
-            if isinstance(part, OpaquePart) and part.essential and part.protocol != protocol:
-                kind = part.data.get("type", "unknown")
-                raise ProxyError(
-                    400,
-                    f"a {kind!r} content block ({part.protocol}) cannot be sent to backend {backend!r}, which speaks {protocol}: "
-                    f"send it to a {part.protocol} backend, or as text",
-                )
 
 
 def _network(error: ProxyError) -> ProxyError:

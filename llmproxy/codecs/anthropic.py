@@ -32,7 +32,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSEStreamDecoder, array, dumps, loads, public_extra, sse_frame, string
+from .base import SSEStreamDecoder, array, carried, dumps, loads, public_extra, sse_frame, string
 
 PROTOCOL = "anthropic"
 DEFAULT_MAX_TOKENS = 8192
@@ -501,7 +501,7 @@ def _encode_block(part: Part, same: bool, outgoing: bool) -> dict[str, Any] | No
         elif not outgoing:
             block["signature"] = ""
         return block
-    if isinstance(part, OpaquePart) and part.protocol == PROTOCOL:
+    if isinstance(part, OpaquePart) and carried(part, PROTOCOL):
         return part.data
     return None
 

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from ..canonical import Request, Response, StreamEvent
+from ..canonical import OpaquePart, Request, Response, StreamEvent
 from ..errors import ProxyError
 
 
@@ -84,6 +84,19 @@ def string(value: Any, where: str) -> str:
     if isinstance(value, str):
         return value
     raise ProxyError(400, f"{where} must be a string", param=where)
+
+
+def carried(part: OpaquePart, protocol: str) -> bool:
+    """Whether an encoder for ``protocol`` writes ``part``: always in its own protocol; in
+    another it is left out, unless it is ``essential`` (what a user sent): then the request
+    is refused with a 400 naming it, never sent without it."""
+    if part.protocol == protocol:
+        return True
+    if part.essential:
+        kind = part.data.get("type", "unknown")
+        raise ProxyError(400, f"a {kind!r} content block from an {part.protocol} client has no form in {protocol}, the backend's protocol: "
+                              f"send it to a {part.protocol} backend, or as text")
+    return False
 
 
 def dumps(obj: Any) -> bytes:

@@ -34,7 +34,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSEStreamDecoder, array, dumps, loads, sse_frame, string
+from .base import SSEStreamDecoder, array, carried, dumps, loads, sse_frame, string
 
 PROTOCOL = "gemini"
 SKIP_SIGNATURE = "skip_thought_signature_validator"
@@ -525,7 +525,7 @@ def _encode_part(part: Part, same: bool, outgoing: bool) -> dict[str, Any] | Non
         if part.data is not None:
             return {"inlineData": {"mimeType": part.media_type or "application/pdf", "data": part.data}}
         return {"fileData": {"mimeType": part.media_type or "application/pdf", "fileUri": part.url}}
-    if isinstance(part, OpaquePart) and part.protocol == PROTOCOL:
+    if isinstance(part, OpaquePart) and carried(part, PROTOCOL):
         return part.data
     return None
 

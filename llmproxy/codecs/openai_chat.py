@@ -30,7 +30,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, SSEStreamDecoder, array, dumps, loads, sse_frame
+from .base import SSESplitter, SSEStreamDecoder, array, carried, dumps, loads, sse_frame
 
 PROTOCOL = "openai_chat"
 
@@ -463,7 +463,7 @@ def _encode_parts(parts: list[Part], same: bool) -> str | list[dict[str, Any]] |
             if same:
                 file.update(part.extra)
             content.append({"type": "file", "file": file})
-        elif isinstance(part, OpaquePart) and part.protocol == PROTOCOL:
+        elif isinstance(part, OpaquePart) and carried(part, PROTOCOL):
             simple = False
             content.append(part.data)
     if not content:

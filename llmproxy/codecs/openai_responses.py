@@ -36,7 +36,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSEStreamDecoder, array, dumps, loads, public_extra, sse_frame, string
+from .base import SSEStreamDecoder, array, carried, dumps, loads, public_extra, sse_frame, string
 from .openai_chat import effort_for_budget, file_from_data, file_to_data, image_from_url, image_to_url
 
 PROTOCOL = "openai_responses"
@@ -441,7 +441,7 @@ def _encode_content(parts: list[Part], same: bool, assistant: bool) -> list[dict
             if same:
                 entry.update(part.extra)
             out.append(entry)
-        elif isinstance(part, OpaquePart) and part.protocol == PROTOCOL and same:
+        elif isinstance(part, OpaquePart) and carried(part, PROTOCOL):
             out.append(part.data)
     return out
 
@@ -469,7 +469,7 @@ def _encode_message(message: Message, same: bool) -> list[dict[str, Any]]:
     if message.role == "assistant":
         return _assistant_items(message, same)
     parts = [p for p in message.parts if not isinstance(p, OpaquePart)]
-    opaque = [p.data for p in message.parts if isinstance(p, OpaquePart) and p.protocol == PROTOCOL and same]
+    opaque = [p.data for p in message.parts if isinstance(p, OpaquePart) and carried(p, PROTOCOL)]
     items = []
     if parts:
         role = message.role if message.role in ("user", "system", "developer") else "user"
