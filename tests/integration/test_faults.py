@@ -455,3 +455,35 @@ async def test_a_stream_broken_before_anything_reached_the_client_with_no_other_
     async with http.post(proxy.url + "/v1/messages", json=request) as response:
         body = await response.json()
     assert response.status == 502 and body["type"] == "error" and body["error"]["message"]
+
+
+async def test_a_stream_of_nothing_but_done_fails_over_and_alone_is_an_error(b: FakeOpenAI, start: Start, http: aiohttp.ClientSession) -> None:
+    """A backend that answers a stream with `data: [DONE]` and nothing else sent no answer:
+    the next target serves it; with none, the client gets an error in its own protocol."""
+    from aiohttp import web
+
+    from llmproxy.testing import start_app
+
+    async def done_only(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", done_only)
+    url, runner = await start_app(app)
+    try:
+        empty = {"type": "openai", "base_url": url + "/v1", "api_keys": ["${FAULT_KEY}"]}
+        proxy = await start({"backends": {"a": empty, "b": up(b)}, "models": {"m": {"targets": ["a:gpt-4o-mini", "b:gpt-4o-mini"]}}})
+        request = {"model": "m", "max_tokens": 50, "messages": HI, "stream": True}
+        async with http.post(proxy.url + "/v1/messages", json=request) as response:
+            text = await response.text()
+        assert response.status == 200 and response.headers["x-llmproxy-backend"] == "b" and "event: message_stop" in text
+        async with http.post(proxy.url + "/v1/messages", json={**request, "model": "a:gpt-4o-mini"}) as response:
+            body = await response.json()
+        assert response.status == 502 and body["type"] == "error" and "before sending any answer" in body["error"]["message"]
+    finally:
+        await runner.cleanup()
