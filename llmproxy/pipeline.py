@@ -168,7 +168,8 @@ async def handle(
             problem.llmproxy_plugin = plugin  # type: ignore[attr-defined]  # for flow_done: metrics, history
         await _fail(flow, ctx, writer, problem)
     await _done(flow, ctx)
-    return writer.response
+    # Every way through the flow writes an answer; a 500 stands in should one ever not.
+    return writer.response or web.Response(status=500)
 
 
 async def _run(flow: Flow, ctx: ProxyContext, writer: "Writer") -> None:
@@ -580,7 +581,7 @@ class Writer:
         self.request = request
         self.codec = codec
         self.flow = flow
-        self.response: web.StreamResponse = web.Response(status=500)
+        self.response: web.StreamResponse | None = None  # set by the one answer written
         self.started = False
         self.encoder: Any = None  # set once a stream is re-encoded; it knows the framing state
 
@@ -636,9 +637,11 @@ class Writer:
             data = self.codec.error_event(error)
         if self.flow.sent is not None:
             self.flow.sent.append((time.monotonic(), data))
+        response = self.response
+        assert response is not None, "stream_error before the stream began"
         try:
-            await self.response.write(data)
-            await self.response.write_eof()
+            await response.write(data)
+            await response.write_eof()
         except (ConnectionError, RuntimeError):
             pass
 
@@ -659,18 +662,7 @@ class Writer:
         if not processors and upstream.protocol == self.codec.protocol:
             await self._passthrough(upstream)
             return
-        decoder = get_codec(upstream.protocol).stream_decoder()
-
-        async def batches() -> Any:
-            async for chunk in upstream.chunks:  # type: ignore[union-attr]
-                events = decoder.feed(chunk)
-                if events:
-                    yield events
-            tail = decoder.close()
-            if tail:
-                yield tail
-
-        await self.stream_events(batches(), processors, terminal_last=True)
+        await self.stream_events(upstream.chunks, processors, get_codec(upstream.protocol).stream_decoder())
 
     async def _passthrough(self, upstream: UpstreamStream) -> None:
         """Same protocol, nobody watching the events: forward whole frames as they arrive."""
@@ -718,12 +710,14 @@ class Writer:
         flow.set_lazy_response(lambda: _fold(protocol, received, model))
         await response.write_eof()
 
-    async def stream_events(self, batches: Any, processors: list[Any], terminal_last: bool = False) -> None:
+    async def stream_events(self, batches: Any, processors: list[Any], decoder: Any = None) -> None:
         """Encode and write ``batches`` of canonical events, through ``processors``, until a
-        terminal event. ``terminal_last``: the source puts a terminal event only at the end
-        of a batch (a stream decoder's promise), so without processors no batch is searched
-        for one."""
+        terminal event. With a ``decoder``, ``batches`` are wire chunks it turns into
+        events, here rather than in a generator of its own (a layer every read of a stream
+        would pass through); a decoder puts a terminal event only at the end of a batch, so
+        then, without processors, no batch is searched for one."""
         flow = self.flow
+        terminal_last = decoder is not None
         # The encoder writes what the client asked for (include_usage, echoed fields); it
         # reads them from the flow without forcing the request to be decoded.
         encoder = self.encoder = self.codec.stream_encoder(flow)
@@ -736,8 +730,18 @@ class Writer:
         sent: list[StreamEvent] = []
         model = flow.model
         ended = False
+        source = batches.__aiter__()
         try:
-            async for events in batches:
+            while True:
+                try:
+                    events = await source.__anext__()
+                except StopAsyncIteration:
+                    if decoder is None:
+                        break
+                    events, decoder = decoder.close(), None  # what the stream's end completes
+                else:
+                    if decoder is not None:
+                        events = decoder.feed(events)
                 if not events:
                     continue
                 terminal = None

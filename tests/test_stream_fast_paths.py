@@ -8,9 +8,10 @@ general path gives, for any input, or step aside.
    unicode, control characters) with near misses (broken literals, bad UTF-8, lone
    surrogates, other envelopes, finish, usage, tool calls, comments, event lines, CRLF),
    cut at arbitrary offsets.
-2. ``AnthropicStreamEncoder``'s short way for text in the open block: a stream encoded in
-   one batch gives the same bytes as the same stream one event per batch (where the short
-   way is never taken).
+2. ``AnthropicStreamEncoder``'s short way for text in the open block (remembered from one
+   batch to the next): a stream encoded in one batch, one event per batch, or in any
+   batches gives the same bytes as the same stream with the short way forgotten before
+   every event.
 """
 
 from __future__ import annotations
@@ -351,12 +352,22 @@ def test_anthropic_text_short_way_equals_one_event_per_batch(data: st.DataObject
     extra = data.draw(st.lists(st.tuples(st.integers(0, len(events)), st.integers(0, 3), st.text(max_size=4)), max_size=6))
     for at, index, text in sorted(extra, reverse=True):
         events.insert(at, StreamEvent("text", index, text))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(events)), max_size=5)))
     codec = get_codec("anthropic")
     flow = build_flow({"model": "m", "max_tokens": 8, "stream": True, "messages": [{"role": "user", "content": "hi"}]}, frontend="anthropic")
-    one_batch = codec.stream_encoder(flow)
-    one_by_one = codec.stream_encoder(flow)
-    one_by_one._id = one_batch._id  # message ids are minted per stream
-    assert one_batch.encode(list(events)) == b"".join(one_by_one.encode([event]) for event in events)
+    one_batch, one_by_one, in_pieces, reference = (codec.stream_encoder(flow) for _ in range(4))
+    for encoder in (one_by_one, in_pieces, reference):
+        encoder._id = one_batch._id  # message ids are minted per stream
+
+    def without_short_way(event: StreamEvent) -> bytes:
+        reference._text_index = None  # what the short way remembers, forgotten before every event
+        return reference.encode([event])  # type: ignore[no-any-return]
+
+    expected = b"".join(without_short_way(event) for event in events)
+    assert one_batch.encode(list(events)) == expected
+    assert b"".join(one_by_one.encode([event]) for event in events) == expected
+    bounds = [0, *cuts, len(events)]
+    assert b"".join(in_pieces.encode(events[a:b]) for a, b in zip(bounds, bounds[1:])) == expected
 
 
 # -- a broken frame after good ones ---------------------------------------------------------

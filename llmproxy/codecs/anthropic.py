@@ -11,7 +11,6 @@ codec's private notes and never reach the wire.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from ..canonical import (
@@ -32,7 +31,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSEStreamDecoder, array, carried, dumps, loads, public_extra, sse_frame, string
+from .base import SSEStreamDecoder, array, carried, dumps, loads, public_extra, random_hex, sse_frame, string
 
 PROTOCOL = "anthropic"
 DEFAULT_MAX_TOKENS = 8192
@@ -291,7 +290,7 @@ class AnthropicCodec:
                 content.append(block)
         stop = STOP_TO_WIRE.get(response.stop_reason, "end_turn")
         body = {
-            "id": response.id if response.id and response.id.startswith("msg_") else f"msg_{uuid.uuid4().hex[:24]}",
+            "id": response.id if response.id and response.id.startswith("msg_") else f"msg_{random_hex(24)}",
             "type": "message",
             "role": "assistant",
             "model": response.model,
@@ -383,7 +382,7 @@ def _decode_block(block: dict[str, Any], where: str) -> Part | None:
     if kind == "tool_use":
         arguments = block.get("input")
         return ToolCallPart(
-            id=block.get("id") or f"toolu_{uuid.uuid4().hex[:24]}",
+            id=block.get("id") or f"toolu_{random_hex(24)}",
             name=block.get("name", ""),
             arguments=dumps(arguments if arguments is not None else {}).decode(),
             extra={k: v for k, v in block.items() if k not in ("type", "id", "name", "input")},
@@ -663,11 +662,11 @@ _DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta",
 class AnthropicStreamEncoder:
     """Canonical events → Anthropic SSE, with every event's ``event:`` line."""
 
-    __slots__ = ("_model", "_id", "_started", "_open", "_blocks", "_next", "_usage", "_kinds", "_signed", "_heads")
+    __slots__ = ("_model", "_id", "_started", "_open", "_blocks", "_next", "_usage", "_kinds", "_signed", "_heads", "_text_index", "_text_head")
 
     def __init__(self, model: str) -> None:
         self._model = model
-        self._id = f"msg_{uuid.uuid4().hex[:24]}"
+        self._id = f"msg_{random_hex(24)}"
         self._heads: dict[tuple[int, str], bytes] = {}  # (wire index, delta type) -> frame head
         self._started = False
         self._open: int | None = None  # wire index of the open block
@@ -676,6 +675,12 @@ class AnthropicStreamEncoder:
         self._next = 0
         self._usage = Usage()
         self._signed: set[int] = set()
+        # Text for the block that is open, what nearly every event of a stream is, takes a
+        # short way: the canonical index of that block and its frame head, kept from one
+        # text event to the next (and from one batch to the next: a paced stream's batch is
+        # one event). Any other event may open or close blocks, so it clears them.
+        self._text_index: int | None = None
+        self._text_head = b""
 
     def _start(self, out: list[bytes], event: StreamEvent | None = None) -> None:
         if event is not None:
@@ -723,19 +728,19 @@ class AnthropicStreamEncoder:
         return head
 
     def encode(self, events: list[StreamEvent]) -> bytes:
+        text_index, text_head = self._text_index, self._text_head
+        if len(events) == 1:  # a paced stream's read: one event, nearly always text
+            event = events[0]
+            if event.kind == _TEXT and event.index == text_index and text_index is not None:
+                return text_head + dumps(event.text) + b"}}\n\n" if event.text else b""
         out: list[bytes] = []
-        # Text for the block that is open, what nearly every event of a stream is, takes a
-        # short way: its frame head is looked up once per batch, not once per event. Any
-        # other event may open or close blocks, so after one the way is looked up again.
-        text_index: int | None = None  # canonical index of the open text block, once known
-        text_head = b""
         for event in events:
             kind = event.kind
             if kind == _TEXT and event.index == text_index:
                 if event.text:
                     out.append(text_head + dumps(event.text) + b"}}\n\n")
                 continue
-            text_index = None
+            text_index = self._text_index = None
             if not self._started and kind != EventKind.ERROR:
                 self._start(out, event if kind == EventKind.START else None)
                 if kind == EventKind.START:
@@ -746,8 +751,8 @@ class AnthropicStreamEncoder:
                     if wire is None or wire != self._open:  # not the open block: _block knows what to do
                         wire = self._block(event.index, "text", out, {"type": "text", "text": ""})
                     if wire is not None:
-                        text_head = self._delta(wire, "text_delta", "text", event.text, out)
-                        text_index = event.index
+                        text_head = self._text_head = self._delta(wire, "text_delta", "text", event.text, out)
+                        text_index = self._text_index = event.index
             elif kind == EventKind.TOOL_CALL_DELTA:
                 wire = self._blocks.get(event.index)
                 if wire is not None and wire == self._open:

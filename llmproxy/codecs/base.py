@@ -8,6 +8,7 @@ one upstream read becomes at most one client write.
 
 from __future__ import annotations
 
+import random
 from typing import Any, Protocol
 
 import orjson
@@ -112,6 +113,15 @@ def dumps(obj: Any) -> bytes:
 
 loads = orjson.loads
 
+_bits = random.getrandbits
+
+
+def random_hex(chars: int) -> str:
+    """``chars`` random hex digits for the ids llmproxy makes up (messages, tool calls).
+    They need to be unique, not secret: a Mersenne Twister draw costs a tenth of a uuid4,
+    which every translated answer paid."""
+    return f"{_bits(chars * 4):0{chars}x}"
+
 
 class SSESplitter:
     """Splits a byte stream into SSE frames, keeping a partial frame for the next chunk.
@@ -176,6 +186,10 @@ class SSESplitter:
         if end == len(data):
             return data, b""
         return data[:end], data[end:]
+
+    def between_frames(self) -> bool:
+        """Nothing of a frame is buffered: the next read begins a frame."""
+        return not self._buffer and not self._cr
 
     def keep(self, rest: bytes) -> None:
         """Buffer ``rest`` (from :meth:`whole_frames`) for the next read."""

@@ -13,7 +13,6 @@ call. Schemas written with Gemini's upper-case OpenAPI types (``responseSchema``
 from __future__ import annotations
 
 import re
-import uuid
 from typing import Any
 
 from ..canonical import (
@@ -34,7 +33,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSEStreamDecoder, array, carried, dumps, loads, sse_frame, string
+from .base import SSEStreamDecoder, array, carried, dumps, loads, random_hex, sse_frame, string
 
 PROTOCOL = "gemini"
 SKIP_SIGNATURE = "skip_thought_signature_validator"
@@ -257,7 +256,7 @@ class GeminiCodec:
             "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": STOP_TO_FINISH.get(response.stop_reason, "STOP"), "index": 0}],
             "usageMetadata": encode_usage(response.usage),
             "modelVersion": response.model,
-            "responseId": response.id or uuid.uuid4().hex[:22],
+            "responseId": response.id or random_hex(22),
         }
 
     # -- streams -----------------------------------------------------------------------
@@ -406,7 +405,7 @@ def _is_document(media_type: Any) -> bool:
 
 
 def _call_id(name: str) -> str:
-    return f"call_{name}_{uuid.uuid4().hex[:12]}"
+    return f"call_{name}_{random_hex(12)}"
 
 
 def _decode_content(content: dict[str, Any], i: int, names: dict[str, list[str]]) -> list[Message]:
@@ -681,7 +680,7 @@ class GeminiStreamEncoder:
 
     def __init__(self, model: str, array: bool = False) -> None:
         self._model = model
-        self._id = uuid.uuid4().hex[:22]
+        self._id = random_hex(22)
         self._array = array
         self._first = True
         self._calls: dict[int, list[Any]] = {}  # index -> [id, name, args text, signature]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from typing import Any
 
 from ..canonical import (
@@ -30,7 +29,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, SSEStreamDecoder, array, carried, dumps, loads, sse_frame
+from .base import SSESplitter, SSEStreamDecoder, array, carried, dumps, loads, random_hex, sse_frame
 
 PROTOCOL = "openai_chat"
 
@@ -232,7 +231,7 @@ class OpenAIChatCodec:
             ]
         choice = {"index": 0, "message": message, "logprobs": extra.get("_logprobs"), "finish_reason": STOP_TO_FINISH.get(response.stop_reason, "stop")}
         body = {
-            "id": response.id or f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "id": response.id or f"chatcmpl-{random_hex(24)}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": response.model,
@@ -292,7 +291,7 @@ def encode_usage(usage: Usage) -> dict[str, Any]:
 
 
 def _call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+    return f"call_{random_hex(24)}"
 
 
 def _decode_tool(tool: Any, i: int) -> Tool:
@@ -591,6 +590,10 @@ class ChatStreamDecoder(SSEStreamDecoder):
         self._learn = _LEARN_ATTEMPTS
 
     def _read(self, chunk: bytes, events: list[StreamEvent]) -> None:
+        # A read of exactly one plain frame, as paced streams come, with nothing buffered
+        # before it, is the commonest read of all: it skips the splitter altogether.
+        if self._frame_head and chunk.find(b"\n\n") == len(chunk) - 2 and self._sse.between_frames() and self._plain_frame(chunk, events):
+            return
         frames = self._sse.whole_frames(chunk) if self._frame_head or self._learn else None
         if frames is not None:
             self._whole_frames(*frames, events)
@@ -598,29 +601,35 @@ class ChatStreamDecoder(SSEStreamDecoder):
             for event_name, data in self._sse.feed(chunk):
                 self._frame(event_name, data, events)
 
+    def _plain_frame(self, frame: bytes, events: list[StreamEvent]) -> bool:
+        """If ``frame``, one whole frame, is a plain text chunk of the learned shape, append
+        its event and return True; else change nothing and return False."""
+        head, tail = self._frame_head, self._frame_tail
+        if len(frame) < len(head) + len(tail) or not frame.startswith(head) or not frame.endswith(tail):
+            return False
+        # The general path reads whatever JSON value lies between head and tail as the
+        # content (a string nearly always), so one parse of it is all the proof needed,
+        # unless a line end (LF or CR, both JSON whitespace) made the frame two lines.
+        literal = frame[len(head) : len(frame) - len(tail)]
+        if b"\n" in literal or b"\r" in literal:
+            return False
+        try:
+            text = loads(literal)
+        except ValueError:
+            return False  # the general path reports it
+        if text and text.__class__ is not str:
+            text = _delta_text(text)
+        if text:
+            events.append(StreamEvent(EventKind.TEXT, self._blocks["text"], text))
+        return True
+
     def _whole_frames(self, whole: bytes, rest: bytes, events: list[StreamEvent]) -> None:
         """Append the events of the complete frames ``whole`` (LF line ends only) to
         ``events``, ``rest`` being the partial frame after them: runs of plain text chunks of
         the learned shape the fast way, anything else frame by frame as :meth:`feed` would."""
         self._sse.keep(rest)
-        head, tail = self._frame_head, self._frame_tail
-        if head and whole.find(b"\n\n") == len(whole) - 2:  # one frame, as paced streams come
-            if len(whole) >= len(head) + len(tail) and whole.startswith(head) and whole.endswith(tail):
-                # The general path reads whatever JSON value lies between head and tail as
-                # the content (a string nearly always), so one parse of it is all the proof
-                # needed, unless an LF (JSON whitespace) made the frame two lines.
-                literal = whole[len(head) : len(whole) - len(tail)]
-                if b"\n" not in literal:
-                    try:
-                        text = loads(literal)
-                    except ValueError:
-                        pass  # the general path reports it
-                    else:
-                        if text and text.__class__ is not str:
-                            text = _delta_text(text)
-                        if text:
-                            events.append(StreamEvent(EventKind.TEXT, self._blocks["text"], text))
-                        return
+        if self._frame_head and whole.find(b"\n\n") == len(whole) - 2 and self._plain_frame(whole, events):
+            return  # one frame, completing what an earlier read began
         # A read is mapped a segment of whole frames at a time: a segment that is not all
         # plain text chunks (the first of a stream, the last, anything unusual) takes the
         # general path, and the others need not. Segments of cache size also copy faster
@@ -825,7 +834,7 @@ class ChatStreamEncoder:
     __slots__ = ("_prefix", "_suffix", "_text_head", "_include_usage", "_usage", "_tool_slots", "_id", "_model", "_created")
 
     def __init__(self, model: str, include_usage: bool) -> None:
-        self._id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self._id = f"chatcmpl-{random_hex(24)}"
         self._model = model
         self._created = int(time.time())
         self._include_usage = include_usage

@@ -15,7 +15,6 @@ with a 400 that says to send the whole conversation (what Codex does with ``stor
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 from ..canonical import (
@@ -36,7 +35,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSEStreamDecoder, array, carried, dumps, loads, public_extra, sse_frame, string
+from .base import SSEStreamDecoder, array, carried, dumps, loads, public_extra, random_hex, sse_frame, string
 from .openai_chat import effort_for_budget, file_from_data, file_to_data, image_from_url, image_to_url
 
 PROTOCOL = "openai_responses"
@@ -53,7 +52,7 @@ INCOMPLETE_REASONS = {"max_tokens": "max_output_tokens", "content_filter": "cont
 
 
 def _new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+    return f"{prefix}_{random_hex(24)}"
 
 
 class OpenAIResponsesCodec:
