@@ -72,11 +72,12 @@ def _relay(reads: list[bytes], frontend: str, processors: list[tuple[str, Any]])
     writer.response = _NullResponse()  # type: ignore[assignment]
     writer.started = True
 
-    async def chunks() -> Any:
-        for read in reads:
-            yield read
+    pending = reads[::-1]
 
-    asyncio.run(writer.relay(UpstreamStream("openai_chat", chunks=chunks()), processors))
+    async def read() -> bytes:  # as a provider reading a socket gives them: one call per read
+        return pending.pop() if pending else b""
+
+    asyncio.run(writer.relay(UpstreamStream("openai_chat", read=read), processors))
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ from .context import CONTEXT, ProxyContext
 from .errors import MAX_STREAM_RETRIES, ProxyError, RetryStream
 from .flow import ClientHeaders, ClientInfo, Flow
 from .manager import call_chain, call_chain_logged
-from .providers import UpstreamReply, UpstreamStream, retry_after_seconds
+from .providers import UpstreamReply, UpstreamStream, read_from, retry_after_seconds
 from .resilience import backoff_delay, cannot_serve, estimate_tokens, failure_kind, request_needs
 
 log = logging.getLogger("llmproxy.flow")
@@ -288,7 +288,7 @@ async def dispatch(flow: Flow, ctx: ProxyContext, processors: list[Any] | None) 
 
 def _restream(reply: UpstreamReply) -> UpstreamStream:
     if reply.response is not None:
-        return UpstreamStream(reply.protocol, batches=_once(response_events(reply.response)))
+        return UpstreamStream(reply.protocol, batches=_restreamed(response_events(reply.response)))
     return UpstreamStream(reply.protocol, whole=reply.body or b"")
 
 
@@ -516,8 +516,18 @@ def _spawn(coro: Any) -> None:
     task.add_done_callback(_background.discard)
 
 
-async def _once(events: list[StreamEvent]) -> Any:
+async def _restreamed(events: list[StreamEvent]) -> Any:
     yield events
+
+
+def _once(events: list[StreamEvent]) -> Callable[[], Awaitable[list[StreamEvent]]]:
+    """A reader (see :meth:`Writer.stream_events`) of one batch of events."""
+    batches = [events]
+
+    async def read() -> list[StreamEvent]:
+        return batches.pop() if batches else []
+
+    return read
 
 
 def _apply(processors: list[tuple[str, Any]], events: list[StreamEvent]) -> list[StreamEvent]:
@@ -620,7 +630,9 @@ class Writer:
         """Forward a stream llmproxy does not model (legacy completions …) as it arrives."""
         try:
             response = await self._begin()
-            async for chunk in upstream.chunks:  # type: ignore[union-attr]
+            read = upstream.read
+            assert read is not None
+            while chunk := await read():
                 if self.flow.first_token_at is None:
                     self.flow.first_token_at = time.monotonic()
                 if self.flow.sent is not None:
@@ -656,23 +668,22 @@ class Writer:
             await self.stream_events(_once(response_events(response)), processors)
             return
         if upstream.batches is not None:
-            await self.stream_events(upstream.batches, processors)
+            await self.stream_events(read_from(upstream.batches), processors)
             return
-        assert upstream.chunks is not None
+        assert upstream.read is not None
         if not processors and upstream.protocol == self.codec.protocol:
-            await self._passthrough(upstream)
+            await self._passthrough(upstream.read, upstream.protocol)
             return
-        await self.stream_events(upstream.chunks, processors, get_codec(upstream.protocol).stream_decoder())
+        await self.stream_events(upstream.read, processors, get_codec(upstream.protocol).stream_decoder())
 
-    async def _passthrough(self, upstream: UpstreamStream) -> None:
+    async def _passthrough(self, read: Callable[[], Awaitable[bytes]], protocol: str) -> None:
         """Same protocol, nobody watching the events: forward whole frames as they arrive."""
         flow = self.flow
         response = self.response if self.started else None  # begun: a retried stream; else at the first write
         received: list[bytes] = []
         pending = b""
-        protocol = upstream.protocol
         sent = flow.sent
-        async for chunk in upstream.chunks:  # type: ignore[union-attr]
+        while chunk := await read():
             received.append(chunk)
             pending += chunk
             end = complete_frames_end(pending)
@@ -710,12 +721,13 @@ class Writer:
         flow.set_lazy_response(lambda: _fold(protocol, received, model))
         await response.write_eof()
 
-    async def stream_events(self, batches: Any, processors: list[Any], decoder: Any = None) -> None:
-        """Encode and write ``batches`` of canonical events, through ``processors``, until a
-        terminal event. With a ``decoder``, ``batches`` are wire chunks it turns into
-        events, here rather than in a generator of its own (a layer every read of a stream
-        would pass through); a decoder puts a terminal event only at the end of a batch, so
-        then, without processors, no batch is searched for one."""
+    async def stream_events(self, read: Callable[[], Awaitable[Any]], processors: list[Any], decoder: Any = None) -> None:
+        """Encode and write the batches of canonical events ``read()`` returns (an empty one
+        at the end), through ``processors``, until a terminal event. With a ``decoder``,
+        ``read()`` returns wire chunks it turns into events, here rather than in a generator
+        of its own (a layer every read of a stream would pass through); a decoder puts a
+        terminal event only at the end of a batch, so then, without processors, no batch is
+        searched for one."""
         flow = self.flow
         terminal_last = decoder is not None
         # The encoder writes what the client asked for (include_usage, echoed fields); it
@@ -730,20 +742,19 @@ class Writer:
         sent: list[StreamEvent] = []
         model = flow.model
         ended = False
-        source = batches.__aiter__()
         try:
             while True:
-                try:
-                    events = await source.__anext__()
-                except StopAsyncIteration:
+                events = await read()
+                if not events:  # the end
                     if decoder is None:
                         break
                     events, decoder = decoder.close(), None  # what the stream's end completes
-                else:
-                    if decoder is not None:
-                        events = decoder.feed(events)
-                if not events:
-                    continue
+                    if not events:
+                        continue
+                elif decoder is not None:
+                    events = decoder.feed(events)
+                    if not events:
+                        continue
                 terminal = None
                 if events[-1].kind in _TERMINAL:
                     terminal = events.pop()

@@ -15,7 +15,7 @@ import email.utils
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, ClassVar
 
 import aiohttp
 import yarl
@@ -66,8 +66,12 @@ class UpstreamReply:
 class UpstreamStream:
     """A streamed answer: wire ``chunks`` in ``protocol`` or canonical event ``batches``.
 
-    The pipeline iterates exactly one of them (or re-streams ``whole``) and always calls :meth:`close` (which must
+    The pipeline reads exactly one of them (or re-streams ``whole``) and always calls :meth:`close` (which must
     release the connection at once: that is how a client disconnect cancels the upstream).
+    Wire chunks may instead be given as ``read``: a coroutine function returning the next
+    chunk, ``b""`` at the end. A provider reading a socket passes its read there, so that no
+    iterator stands between each read and the pipeline; ``chunks`` (any async iterator of
+    bytes) is adapted to it.
     """
 
     def __init__(
@@ -77,9 +81,10 @@ class UpstreamStream:
         batches: AsyncIterator[list[StreamEvent]] | None = None,
         on_close: Any = None,
         whole: bytes | None = None,
+        read: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self.protocol = protocol
-        self.chunks = chunks
+        self.read = read if read is not None or chunks is None else read_from(chunks)
         self.batches = batches
         self.whole = whole  # the backend ignored "stream" and sent one complete body
         self._on_close = on_close
@@ -107,6 +112,20 @@ class UpstreamStream:
             result = on_close()
             if asyncio.iscoroutine(result):
                 await result
+
+
+def read_from(items: AsyncIterator[Any]) -> Callable[[], Awaitable[Any]]:
+    """``items`` as a coroutine function returning the next non-empty one, ``b""`` once
+    they are exhausted (how the pipeline reads a stream)."""
+    iterator = items.__aiter__()
+
+    async def read() -> Any:
+        async for item in iterator:
+            if item:
+                return item
+        return b""
+
+    return read
 
 
 class Provider:
@@ -622,21 +641,26 @@ class HTTPProvider(Provider):
             raise _broken(ProxyError(502, f"backend {self.name!r} ended the stream without sending anything", kind="upstream_unreachable"))
         if record is not None:
             record.append((time.monotonic(), first))
+        unread = [first]
+        readany = response.content.readany
 
-        async def chunks() -> AsyncIterator[bytes]:
+        async def read() -> bytes:
+            # One call per read of the socket and no iterator around it: a paced stream
+            # pays whatever stands between the socket and the pipeline once per event.
+            if unread:
+                return unread.pop()
             try:
-                yield first
-                async for chunk in response.content.iter_any():
-                    if record is not None:
-                        record.append((time.monotonic(), chunk))
-                    yield chunk
+                chunk = await readany()
             except asyncio.TimeoutError:
                 raise ProxyError(504, f"backend {self.name!r} went silent mid-stream", kind="timeout_error") from None
             except aiohttp.ClientError as error:
                 raise _network(ProxyError(502, f"backend {self.name!r} broke off the stream: {type(error).__name__}")) from None
-            finally:
+            if not chunk:
                 if attempt is not None and attempt.ended is None:
                     attempt.ended = time.monotonic()
+            elif record is not None:
+                record.append((time.monotonic(), chunk))
+            return chunk
 
         def close() -> None:
             # The pipeline may stop reading before the generator ends (a stop event, a
@@ -646,7 +670,7 @@ class HTTPProvider(Provider):
             # close(), not release(): dropping the connection is what tells the backend to stop.
             response.close()
 
-        return UpstreamStream(self.protocol, chunks=chunks(), on_close=close)
+        return UpstreamStream(self.protocol, read=read, on_close=close)
 
 
 def _network(error: ProxyError) -> ProxyError:

@@ -12,10 +12,13 @@ general path gives, for any input, or step aside.
    batch to the next): a stream encoded in one batch, one event per batch, or in any
    batches gives the same bytes as the same stream with the short way forgotten before
    every event.
+
+And how the pipeline reads a stream a provider gives as an async iterator.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -30,6 +33,7 @@ from llmproxy.codecs import get_codec, openai_chat
 from llmproxy.codecs.base import SSESplitter
 from llmproxy.codecs.openai_chat import ChatStreamDecoder
 from llmproxy.errors import ProxyError
+from llmproxy.providers import UpstreamStream
 from llmproxy.testing import build_flow
 
 MANY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -453,3 +457,22 @@ def test_a_reasoning_summary_sent_only_with_the_finished_item_is_thinking() -> N
     decoder = get_codec("openai_responses").stream_decoder()
     events = decoder.feed(stream) + decoder.close()
     assert "".join(e.text or "" for e in events if e.kind == EventKind.THINKING) == "thinking resp"
+
+
+# -- how the pipeline reads a stream --------------------------------------------------------
+
+def test_chunks_from_an_iterator_are_read_one_call_each_and_empty_at_the_end() -> None:
+    """A provider may give its stream as any async iterator of bytes; the pipeline reads it
+    as it reads a socket: one call per chunk, empty chunks skipped, b"" at the end (and
+    again after it)."""
+
+    async def chunks() -> Any:
+        for chunk in (b"data: 1\n\n", b"", b"data: 2\n\n"):
+            yield chunk
+
+    async def read_all() -> list[bytes]:
+        stream = UpstreamStream("openai_chat", chunks=chunks())
+        assert stream.read is not None
+        return [await stream.read() for _ in range(4)]
+
+    assert asyncio.run(read_all()) == [b"data: 1\n\n", b"data: 2\n\n", b"", b""]
