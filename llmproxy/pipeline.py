@@ -116,60 +116,64 @@ async def handle(
     itself. ``frontend`` names such a flow when it is not chat (then it has no canonical
     request)."""
     ctx = request.app[CONTEXT]
+    # aiohttp runs each request in a task of its own; shutdown drains them. Left in a
+    # finally rather than a done callback: one scheduled callback fewer per request.
     task = asyncio.current_task()
-    if task is not None:  # aiohttp runs each request in its own task; shutdown drains them
-        ctx.inflight.add(task)
-        task.add_done_callback(ctx.inflight.discard)
-    flow = Flow(frontend or codec.protocol, {}, "", False, request_decoder=None if frontend else codec.decode_request)
-    flow.context = ctx  # set first: flow_done sees refused flows (bad key, bad JSON) too
-    writer = Writer(request, codec, flow)
+    inflight = ctx.inflight
+    inflight.add(task)
     try:
-        flow.client = authenticate(request, ctx)
-        flow.raw_body, flow.raw_request = await read_json(request)
-        flow.sessions = ctx.sessions
-        if ctx.sessions.plugin_switches:
-            flow.disabled_plugins = flow.session.disabled_plugins()
-        if inject:
-            flow.raw_request.update(inject)
-        if run is None:
-            flow.model, flow.stream = codec.peek(flow.raw_request)
-            await _run(flow, ctx, writer)
-        else:
-            await run(flow, ctx, writer)
-    except ProxyError as error:
-        await _fail(flow, ctx, writer, error)
-    except asyncio.CancelledError:
-        if ctx.stopping:
-            # Cut by the shutdown drain, not by the client: say so in the stream's protocol.
-            flow.error = ProxyError(503, "llmproxy is shutting down")
-            if writer.started:
-                try:
-                    await asyncio.wait_for(writer.stream_error(flow.error), 1.0)
-                except BaseException:  # noqa: BLE001 - best effort while being cancelled
-                    pass
+        flow = Flow(frontend or codec.protocol, {}, "", False, request_decoder=None if frontend else codec.decode_request)
+        flow.context = ctx  # set first: flow_done sees refused flows (bad key, bad JSON) too
+        writer = Writer(request, codec, flow)
+        try:
+            flow.client = authenticate(request, ctx)
+            flow.raw_body, flow.raw_request = await read_json(request)
+            flow.sessions = ctx.sessions
+            if ctx.sessions.plugin_switches:
+                flow.disabled_plugins = flow.session.disabled_plugins()
+            if inject:
+                flow.raw_request.update(inject)
+            if run is None:
+                flow.model, flow.stream = codec.peek(flow.raw_request)
+                await _run(flow, ctx, writer)
+            else:
+                await run(flow, ctx, writer)
+        except ProxyError as error:
+            await _fail(flow, ctx, writer, error)
+        except asyncio.CancelledError:
+            if ctx.stopping:
+                # Cut by the shutdown drain, not by the client: say so in the stream's protocol.
+                flow.error = ProxyError(503, "llmproxy is shutting down")
+                if writer.started:
+                    try:
+                        await asyncio.wait_for(writer.stream_error(flow.error), 1.0)
+                    except BaseException:  # noqa: BLE001 - best effort while being cancelled
+                        pass
+                _spawn(_done(flow, ctx))
+                raise
+            # The client went away; the upstream was closed on the way out. Finish the books
+            # in the background: this task may not await anything any more.
+            flow.error = ProxyError(499, "client disconnected")
+            flow.status = flow.status or 499
             _spawn(_done(flow, ctx))
             raise
-        # The client went away; the upstream was closed on the way out. Finish the books
-        # in the background: this task may not await anything any more.
-        flow.error = ProxyError(499, "client disconnected")
-        flow.status = flow.status or 499
-        _spawn(_done(flow, ctx))
-        raise
-    except ConnectionError:
-        # A write found the client gone before the cancellation did.
-        flow.error = ProxyError(499, "client disconnected")
-        flow.status = flow.status or 499
-    except Exception as error:
-        plugin = getattr(error, "llmproxy_plugin", None)
-        log.exception("flow %s failed%s", flow.id, f" in plugin {plugin}" if plugin else "")
-        where = f"plugin {plugin!r} failed" if plugin else "internal error"
-        problem = ProxyError(500, f"{where} ({type(error).__name__}); see the proxy log, flow {flow.id}")
-        if plugin:
-            problem.llmproxy_plugin = plugin  # type: ignore[attr-defined]  # for flow_done: metrics, history
-        await _fail(flow, ctx, writer, problem)
-    await _done(flow, ctx)
-    # Every way through the flow writes an answer; a 500 stands in should one ever not.
-    return writer.response or web.Response(status=500)
+        except ConnectionError:
+            # A write found the client gone before the cancellation did.
+            flow.error = ProxyError(499, "client disconnected")
+            flow.status = flow.status or 499
+        except Exception as error:
+            plugin = getattr(error, "llmproxy_plugin", None)
+            log.exception("flow %s failed%s", flow.id, f" in plugin {plugin}" if plugin else "")
+            where = f"plugin {plugin!r} failed" if plugin else "internal error"
+            problem = ProxyError(500, f"{where} ({type(error).__name__}); see the proxy log, flow {flow.id}")
+            if plugin:
+                problem.llmproxy_plugin = plugin  # type: ignore[attr-defined]  # for flow_done: metrics, history
+            await _fail(flow, ctx, writer, problem)
+        await _done(flow, ctx)
+        # Every way through the flow writes an answer; a 500 stands in should one ever not.
+        return writer.response or web.Response(status=500)
+    finally:
+        inflight.discard(task)
 
 
 async def _run(flow: Flow, ctx: ProxyContext, writer: "Writer") -> None:
