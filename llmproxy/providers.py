@@ -663,7 +663,7 @@ class HTTPProvider(Provider):
             return chunk
 
         def close() -> None:
-            # The pipeline may stop reading before the generator ends (a stop event, a
+            # The pipeline may stop reading before the stream ends (a stop event, a
             # disconnect): the attempt ends here, not when the generator is collected.
             if attempt is not None and attempt.ended is None:
                 attempt.ended = time.monotonic()
