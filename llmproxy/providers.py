@@ -664,7 +664,7 @@ class HTTPProvider(Provider):
 
         def close() -> None:
             # The pipeline may stop reading before the stream ends (a stop event, a
-            # disconnect): the attempt ends here, not when the generator is collected.
+            # disconnect): the attempt ends here then, if its last read did not end it.
             if attempt is not None and attempt.ended is None:
                 attempt.ended = time.monotonic()
             # close(), not release(): dropping the connection is what tells the backend to stop.
