@@ -150,7 +150,9 @@ class Request:
     ``user``). ``tool_choice`` is ``"auto"``, ``"none"``, ``"required"`` or a tool name.
     ``response_format`` is ``{"type": "json_object"}`` or ``{"type": "json_schema",
     "name": ..., "schema": ..., "strict": ...}``. ``reasoning`` is ``{"effort": ...,
-    "budget_tokens": ..., "summary": ...}`` with whichever keys the client set.
+    "budget_tokens": ..., "summary": ..., "enabled": False, "adaptive": True}`` with whichever
+    keys the client set (``enabled: False`` or effort ``"none"``: no reasoning; ``adaptive``:
+    the model decides how much, as Anthropic's adaptive thinking and Gemini's budget -1).
     """
 
     model: str
@@ -278,6 +280,8 @@ class ResponseBuilder:
             self.response.stop_reason = event.stop_reason
             if event.usage is not None:
                 self.response.usage = event.usage
+            if event.extra:  # wire fields of the stop (Anthropic's stop_sequence)
+                self.response.extra.update(event.extra)
         elif kind == EventKind.START:
             if event.model:
                 self.response.model = event.model
@@ -316,7 +320,10 @@ def response_events(response: Response) -> list[StreamEvent]:
             continue
         events.append(StreamEvent(EventKind.BLOCK_STOP, index=index))
     events.append(StreamEvent(EventKind.USAGE, usage=response.usage))
-    events.append(StreamEvent(EventKind.STOP, stop_reason=response.stop_reason or "end_turn", usage=response.usage))
+    stop = StreamEvent(EventKind.STOP, stop_reason=response.stop_reason or "end_turn", usage=response.usage)
+    if response.extra.get("stop_sequence"):
+        stop.extra = {"stop_sequence": response.extra["stop_sequence"]}
+    events.append(stop)
     return events
 
 

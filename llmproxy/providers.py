@@ -447,6 +447,11 @@ class HTTPProvider(Provider):
             return body
         request = flow.request
         request.stream = stream
+        n = request.params.get("n")
+        if n not in (None, 1) and flow.frontend != self.protocol:
+            # The canonical answer holds one choice: the others would be lost on the way back.
+            raise ProxyError(400, f"n={n}: llmproxy translates one choice between protocols, and backend {self.name!r} speaks "
+                                  f"{self.protocol}: ask for one, or route the model to a backend of the client's protocol", param="n")
         return get_codec(self.protocol).encode_request(request, target.model)
 
     def error_message(self, status: int, payload: bytes) -> str:
@@ -468,15 +473,18 @@ class HTTPProvider(Provider):
     def upstream_error(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> ProxyError:
         """The backend's error as the client's: its status and message, and its error
         ``code`` when it has one (clients act on codes like ``context_length_exceeded``)."""
-        code = None
+        code = param = None
         try:
             data = loads(payload)
             err = data.get("error") if isinstance(data, dict) else None
-            if isinstance(err, dict) and isinstance(err.get("code"), str):
-                code = err["code"]
+            if isinstance(err, dict):
+                if isinstance(err.get("code"), str):
+                    code = err["code"]
+                if isinstance(err.get("param"), str):  # the request field it refused (OpenAI)
+                    param = err["param"]
         except ValueError:
             pass
-        return ProxyError(status, self.redact(self.error_message(status, payload)), kind=_kind_for(status), code=code, headers=headers)
+        return ProxyError(status, self.redact(self.error_message(status, payload)), kind=_kind_for(status), param=param, code=code, headers=headers)
 
     def redact(self, text: str) -> str:
         """``text`` with this backend's keys blanked out: some servers echo the credential

@@ -21,8 +21,10 @@ from __future__ import annotations
 import copy
 import glob
 import json
+import mimetypes
 import os
 import re
+import urllib.parse
 from typing import Any
 
 import orjson
@@ -86,8 +88,10 @@ def _norm_part(part: Any, protocol: str) -> Any:
         return ("text", part.text)
     if isinstance(part, ImagePart):
         if part.url is not None:
-            # Gemini's fileData always names a mime type; "image/*" is its "unknown".
-            media = None if protocol == "gemini" and part.media_type in (None, "image/*") else part.media_type
+            # Gemini's fileData always names a mime type: where a client gave none, llmproxy
+            # names the one of the URL's extension, so that one says no more than None.
+            guessed = mimetypes.guess_type(urllib.parse.urlsplit(part.url).path)[0]
+            media = None if protocol == "gemini" and part.media_type in (None, guessed) else part.media_type
             return ("image-url", part.url, media)
         return ("image-data", part.data, part.media_type)
     if isinstance(part, ToolCallPart):

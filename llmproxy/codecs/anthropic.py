@@ -31,7 +31,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSEStreamDecoder, array, carried, dumps, loads, public_extra, random_hex, sse_frame, string
+from .base import SSEStreamDecoder, array, carried, dumps, loads, public_extra, random_hex, sse_frame, string, web_url
 
 PROTOCOL = "anthropic"
 DEFAULT_MAX_TOKENS = 8192
@@ -162,6 +162,8 @@ class AnthropicCodec:
                 request.response_format = {"type": "json_schema", "name": "response", "schema": fmt.get("schema") or {}}
             request.extra["_output_config"] = output
         request.reasoning = reasoning or None
+        if not body["messages"]:  # as Anthropic says, and before another backend answers in its own words
+            raise bad_request("messages: at least one message is required", "messages")
         for i, message in enumerate(body["messages"]):
             request.messages.extend(_decode_message(message, i))
         return request
@@ -460,7 +462,7 @@ def _encode_block(part: Part, same: bool, outgoing: bool) -> dict[str, Any] | No
         if part.data is not None:
             source: dict[str, Any] = {"type": "base64", "media_type": part.media_type or "image/png", "data": part.data}
         else:
-            source = {"type": "url", "url": part.url}
+            source = {"type": "url", "url": web_url(part.url or "", PROTOCOL)}
         block = {"type": "image", "source": source}
         if same:
             block.update(part.extra)
@@ -469,7 +471,7 @@ def _encode_block(part: Part, same: bool, outgoing: bool) -> dict[str, Any] | No
         if part.data is not None:
             source = {"type": "base64", "media_type": part.media_type or "application/pdf", "data": part.data}
         else:
-            source = {"type": "url", "url": part.url}
+            source = {"type": "url", "url": web_url(part.url or "", PROTOCOL)}
         block = {"type": "document", "source": source}
         if part.name:
             block["title"] = part.name
@@ -570,11 +572,12 @@ def _append(out: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) 
 class AnthropicStreamDecoder(SSEStreamDecoder):
     """Anthropic SSE events → canonical events."""
 
-    __slots__ = ("_stop", "_usage", "_done", "_kinds")
+    __slots__ = ("_stop", "_stop_sequence", "_usage", "_done", "_kinds")
 
     def __init__(self) -> None:
         super().__init__()
         self._stop: str | None = None
+        self._stop_sequence: str | None = None  # which of the request's stop_sequences ended it
         self._usage = Usage()
         self._done = False
         self._kinds: dict[int, str] = {}
@@ -583,8 +586,14 @@ class AnthropicStreamDecoder(SSEStreamDecoder):
         if not self._done:
             if self._stop is None:
                 raise ProxyError(502, "upstream stream ended before message_stop")
-            events.append(StreamEvent(EventKind.STOP, stop_reason=self._stop, usage=self._usage))
+            events.append(self._stop_event())
             self._done = True
+
+    def _stop_event(self) -> StreamEvent:
+        event = StreamEvent(EventKind.STOP, stop_reason=self._stop or "end_turn", usage=self._usage)
+        if self._stop_sequence:
+            event.extra = {"stop_sequence": self._stop_sequence}
+        return event
 
     def _frame(self, name: str | None, data: bytes, events: list[StreamEvent]) -> None:
         if self._done or not data:
@@ -638,13 +647,15 @@ class AnthropicStreamDecoder(SSEStreamDecoder):
             delta = event.get("delta") or {}
             if delta.get("stop_reason"):
                 self._stop = STOP_FROM_WIRE.get(delta["stop_reason"], "end_turn")
+            if isinstance(delta.get("stop_sequence"), str):
+                self._stop_sequence = delta["stop_sequence"]
             usage = event.get("usage")
             if isinstance(usage, dict):
                 merged = decode_usage({**encode_usage(self._usage), **{k: v for k, v in usage.items() if v is not None}})
                 self._usage = merged
                 events.append(StreamEvent(EventKind.USAGE, usage=merged))
         elif kind == "message_stop":
-            events.append(StreamEvent(EventKind.STOP, stop_reason=self._stop or "end_turn", usage=self._usage))
+            events.append(self._stop_event())
             self._done = True
         elif kind == "error":
             err = event.get("error") or {}
@@ -783,7 +794,8 @@ class AnthropicStreamEncoder:
             elif kind == EventKind.STOP:
                 self._close_open(out)
                 usage = event.usage or self._usage
-                delta = {"type": "message_delta", "delta": {"stop_reason": STOP_TO_WIRE.get(event.stop_reason, "end_turn"), "stop_sequence": None},
+                stop_sequence = event.extra.get("stop_sequence") if event.extra else None
+                delta = {"type": "message_delta", "delta": {"stop_reason": STOP_TO_WIRE.get(event.stop_reason, "end_turn"), "stop_sequence": stop_sequence},
                          "usage": encode_usage(usage)}
                 out.append(sse_frame(dumps(delta), "message_delta"))
                 out.append(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')

@@ -100,6 +100,14 @@ def carried(part: OpaquePart, protocol: str) -> bool:
     return False
 
 
+def web_url(url: str, protocol: str) -> str:
+    """``url`` if a backend of ``protocol`` can fetch it (http or https), else the client's
+    400: a Gemini client's ``gs://`` or Files API URI means nothing to OpenAI or Anthropic."""
+    if url[:8].lower().startswith(("https://", "http://")):
+        return url
+    raise ProxyError(400, f"the {protocol} backend cannot fetch {url[:200]!r}: send the file inline (base64), or an http(s) URL")
+
+
 def dumps(obj: Any) -> bytes:
     try:
         return orjson.dumps(obj)

@@ -12,7 +12,9 @@ call. Schemas written with Gemini's upper-case OpenAPI types (``responseSchema``
 
 from __future__ import annotations
 
+import mimetypes
 import re
+import urllib.parse
 from typing import Any
 
 from ..canonical import (
@@ -78,6 +80,11 @@ def _camel_keys(data: dict[str, Any]) -> dict[str, Any]:
     return {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), k): v for k, v in data.items()}
 
 
+# Schema keywords only Gemini reads (google-genai writes propertyOrdering from a pydantic
+# model's field order); JSON Schema validators elsewhere refuse or ignore them.
+_GEMINI_ONLY_SCHEMA_KEYS = frozenset(("nullable", "propertyOrdering", "property_ordering"))
+
+
 def json_schema_from_gemini(schema: Any) -> Any:
     """Gemini's OpenAPI-style schema (``type: STRING``) → JSON Schema (``type: string``)."""
     if isinstance(schema, dict):
@@ -85,7 +92,7 @@ def json_schema_from_gemini(schema: Any) -> Any:
         for key, value in schema.items():
             if key == "type" and isinstance(value, str):
                 out[key] = value.lower()
-            elif key == "nullable":
+            elif key in _GEMINI_ONLY_SCHEMA_KEYS:
                 continue
             elif key in ("properties",) and isinstance(value, dict):
                 out[key] = {k: json_schema_from_gemini(v) for k, v in value.items()}
@@ -271,7 +278,9 @@ class GeminiCodec:
 
     # -- errors ------------------------------------------------------------------------
     def error_body(self, error: ProxyError) -> dict[str, Any]:
-        return {"error": {"code": error.status, "message": error.message, "status": STATUS_NAMES.get(error.status, "UNKNOWN")}}
+        # Anthropic's 529 (overloaded) is what Gemini calls 503 UNAVAILABLE.
+        status = 503 if error.status == 529 else error.status
+        return {"error": {"code": status, "message": error.message, "status": STATUS_NAMES.get(status, "UNKNOWN")}}
 
     def error_event(self, error: ProxyError) -> bytes:
         if self.array_stream:
@@ -325,6 +334,9 @@ def _decode_config(config: dict[str, Any], request: Request) -> None:
                 reasoning["enabled"] = False
             elif budget > 0:
                 reasoning["budget_tokens"] = budget
+            else:  # -1: dynamic, the model decides how much; elsewhere, a middle effort
+                reasoning["adaptive"] = True
+                reasoning["effort"] = "medium"
         if thinking.get("thinkingLevel"):
             reasoning["effort"] = str(thinking["thinkingLevel"]).lower()
         if thinking.get("includeThoughts"):
@@ -360,8 +372,10 @@ def _encode_config(request: Request, model: str, config: dict[str, Any], same: b
     config.pop("thinkingConfig", None)
     config.pop("thinking_config", None)
     reasoning = request.reasoning or {}
-    if reasoning.get("enabled") is False:
-        config["thinkingConfig"] = {"thinkingBudget": 0}
+    if reasoning.get("enabled") is False or reasoning.get("effort") == "none":
+        # Gemini 2.x turns thinking off with a zero budget; Gemini 3 cannot turn it off,
+        # and LOW is the least every Gemini 3 model takes.
+        config["thinkingConfig"] = {"thinkingBudget": 0} if "gemini-2" in model else {"thinkingLevel": "LOW"}
     elif reasoning.get("budget_tokens") or reasoning.get("effort"):
         thinking: dict[str, Any] = {"includeThoughts": True}
         if reasoning.get("budget_tokens"):
@@ -371,6 +385,8 @@ def _encode_config(request: Request, model: str, config: dict[str, Any], same: b
         else:
             thinking["thinkingLevel"] = LEVEL_FROM_EFFORT.get(str(reasoning["effort"]), "HIGH")
         config["thinkingConfig"] = thinking
+    elif reasoning.get("adaptive"):  # the model decides how much: Gemini's dynamic thinking
+        config["thinkingConfig"] = {"includeThoughts": True, "thinkingBudget": -1} if "gemini-2" in model else {"includeThoughts": True}
 
 
 def decode_usage(usage: Any) -> Usage:
@@ -487,6 +503,15 @@ def _decode_content(content: dict[str, Any], i: int, names: dict[str, list[str]]
     return messages
 
 
+def _image_type_of(url: str) -> str:
+    """The MIME type of an image by its URL's extension, which Gemini's fileData must name
+    (an OpenAI or Anthropic client sends a bare URL)."""
+    media_type, _ = mimetypes.guess_type(urllib.parse.urlsplit(url).path)
+    if media_type is None or not media_type.startswith("image/"):
+        raise ProxyError(400, f"the image {url[:200]!r} has no image file extension, and Gemini needs its type: send it as a data: URL (base64) instead")
+    return media_type
+
+
 def _encode_part(part: Part, same: bool, outgoing: bool) -> dict[str, Any] | None:
     if isinstance(part, TextPart):
         wire: dict[str, Any] = {"text": part.text}
@@ -519,7 +544,7 @@ def _encode_part(part: Part, same: bool, outgoing: bool) -> dict[str, Any] | Non
     if isinstance(part, ImagePart):
         if part.data is not None:
             return {"inlineData": {"mimeType": part.media_type or "image/png", "data": part.data}}
-        return {"fileData": {"mimeType": part.media_type or "image/*", "fileUri": part.url}}
+        return {"fileData": {"mimeType": part.media_type or _image_type_of(part.url or ""), "fileUri": part.url}}
     if isinstance(part, FilePart):
         if part.data is not None:
             return {"inlineData": {"mimeType": part.media_type or "application/pdf", "data": part.data}}

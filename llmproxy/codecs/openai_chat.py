@@ -29,7 +29,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSESplitter, SSEStreamDecoder, array, carried, dumps, loads, random_hex, sse_frame
+from .base import SSESplitter, SSEStreamDecoder, array, carried, dumps, loads, random_hex, sse_frame, web_url
 
 PROTOCOL = "openai_chat"
 
@@ -115,6 +115,7 @@ class OpenAIChatCodec:
         for key in _PARAM_KEYS:
             if key in body:
                 params[key] = body[key]
+        _check_numbers(body)
         if "max_completion_tokens" in body:
             params["max_tokens"] = body["max_completion_tokens"]
             params["_max_tokens_key"] = "max_completion_tokens"
@@ -434,7 +435,7 @@ def image_from_url(url: str, extra: dict[str, Any] | None = None) -> ImagePart:
 def image_to_url(part: ImagePart) -> str:
     if part.data is not None:
         return f"data:{part.media_type or 'image/png'};base64,{part.data}"
-    return part.url or ""
+    return web_url(part.url or "", "OpenAI")
 
 
 def _encode_parts(parts: list[Part], same: bool) -> str | list[dict[str, Any]] | None:
@@ -472,9 +473,25 @@ def _encode_parts(parts: list[Part], same: bool) -> str | list[dict[str, Any]] |
     return content
 
 
+# Numeric settings and the JSON types OpenAI takes for them: checked when a request is
+# translated, so that another backend never receives "lots" as max_tokens.
+_NUMBERS = {"max_tokens": int, "max_completion_tokens": int, "n": int, "seed": int, "top_logprobs": int,
+            "temperature": (int, float), "top_p": (int, float), "presence_penalty": (int, float), "frequency_penalty": (int, float)}
+
+
+def _check_numbers(body: dict[str, Any]) -> None:
+    for key, kind in _NUMBERS.items():
+        value = body.get(key)
+        if value is not None and (value.__class__ is bool or not isinstance(value, kind)):
+            expected = "an integer" if kind is int else "a number"
+            raise bad_request(f"'{key}' must be {expected}, got {value!r}", key)
+
+
 def _decode_message(message: dict[str, Any], i: int) -> Message:
     role = message["role"]
     where = f"messages[{i}]"
+    if role == "user" and message.get("content") is None:
+        raise bad_request(f"{where}.content is required for user messages (a string or an array of parts)", f"{where}.content")
     extra = {k: v for k, v in message.items() if k not in ("role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content")}
     if role in ("tool", "function"):
         call_id = message.get("tool_call_id") or message.get("name")
@@ -831,7 +848,7 @@ _TEXT_CHUNK_TAIL = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 class ChatStreamEncoder:
     """Canonical events → chat completion chunks, one SSE frame per chunk."""
 
-    __slots__ = ("_prefix", "_suffix", "_text_head", "_include_usage", "_usage", "_tool_slots", "_id", "_model", "_created")
+    __slots__ = ("_prefix", "_suffix", "_text_head", "_include_usage", "_usage", "_tool_slots", "_argless", "_id", "_model", "_created")
 
     def __init__(self, model: str, include_usage: bool) -> None:
         self._id = f"chatcmpl-{random_hex(24)}"
@@ -840,6 +857,9 @@ class ChatStreamEncoder:
         self._include_usage = include_usage
         self._usage: Usage | None = None
         self._tool_slots: dict[int, int] = {}  # canonical index -> OpenAI tool_calls index
+        # Calls begun whose arguments have not come yet: one that ends without any (an
+        # Anthropic tool_use with empty input) gets "{}", as OpenAI sends, and never "".
+        self._argless: set[int] = set()
         self._set_envelope()
 
     def _set_envelope(self) -> None:
@@ -858,6 +878,10 @@ class ChatStreamEncoder:
         tail = b',"logprobs":null,"finish_reason":' + (dumps(finish) if finish else b"null")
         return self._prefix + dumps(delta) + tail + self._suffix
 
+    def _no_arguments(self, index: int, out: list[bytes]) -> None:
+        self._argless.discard(index)
+        out.append(self._chunk({"tool_calls": [{"index": self._tool_slots.get(index, 0), "function": {"arguments": "{}"}}]}))
+
     def encode(self, events: list[StreamEvent]) -> bytes:
         out: list[bytes] = []
         for event in events:
@@ -870,12 +894,18 @@ class ChatStreamEncoder:
                     # with only the text serialised per event.
                     out.append(self._text_head + dumps(event.text) + _TEXT_CHUNK_TAIL)
             elif kind == EventKind.TOOL_CALL_DELTA:
-                slot = self._tool_slots.get(event.index, 0)
-                out.append(self._chunk({"tool_calls": [{"index": slot, "function": {"arguments": event.text}}]}))
+                if event.text:
+                    self._argless.discard(event.index)
+                    slot = self._tool_slots.get(event.index, 0)
+                    out.append(self._chunk({"tool_calls": [{"index": slot, "function": {"arguments": event.text}}]}))
             elif kind == EventKind.TOOL_CALL_START:
                 slot = self._tool_slots[event.index] = len(self._tool_slots)
                 call = {"index": slot, "id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}}
                 out.append(self._chunk({"tool_calls": [call]}))
+                self._argless.add(event.index)
+            elif kind == EventKind.BLOCK_STOP:
+                if event.index in self._argless:
+                    self._no_arguments(event.index, out)
             elif kind == EventKind.THINKING:
                 if event.text:
                     out.append(self._chunk({"reasoning_content": event.text}))
@@ -889,6 +919,8 @@ class ChatStreamEncoder:
             elif kind == EventKind.USAGE:
                 self._usage = event.usage
             elif kind == EventKind.STOP:
+                for index in sorted(self._argless):
+                    self._no_arguments(index, out)
                 out.append(self._chunk({}, STOP_TO_FINISH.get(event.stop_reason, "stop")))
                 usage = event.usage or self._usage
                 if self._include_usage:

@@ -242,7 +242,7 @@ class FakeAnthropic(FakeUpstream):
                 content[-1]["input"] = arguments_object(behaviour, arguments)
         if not decided.calls:
             content.append({"type": "text", "text": decided.text or ""})
-        stop = "tool_use" if decided.calls else "max_tokens" if behaviour.truncated else "end_turn"
+        stop = "tool_use" if decided.calls else "max_tokens" if behaviour.truncated else "stop_sequence" if behaviour.stop_sequence else "end_turn"
         output = sum(_block_tokens(b) for b in content)
         usage = {
             "input_tokens": _input_tokens(body),
@@ -259,7 +259,7 @@ class FakeAnthropic(FakeUpstream):
             "model": body.get("model"),
             "content": content,
             "stop_reason": stop,
-            "stop_sequence": None,
+            "stop_sequence": behaviour.stop_sequence if stop == "stop_sequence" else None,
             "usage": usage,
         }
 
@@ -291,7 +291,7 @@ class FakeAnthropic(FakeUpstream):
             yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")
         final_usage = {k: usage[k] for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")}
         yield sse(
-            {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None}, "usage": final_usage},
+            {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]}, "usage": final_usage},
             "message_delta",
         )
         yield sse({"type": "message_stop"}, "message_stop")

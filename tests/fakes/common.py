@@ -99,6 +99,9 @@ class Behaviour:
     shell_command: str | None = None
     """Tool scenario: the command the shell call runs instead of ``echo hi``; a schema that
     wants an array (and ``local_shell``) gets ``["bash", "-lc", command]``, as Codex sends."""
+    stop_sequence: str | None = None
+    """Anthropic: stop as if this one of the request's ``stop_sequences`` had matched
+    (``stop_reason: stop_sequence`` and the sequence, in the message and in ``message_delta``)."""
     ignore_results: bool = False
     """Answer as if the conversation held no tool results yet: with tools offered, call them
     again every turn with the same arguments (a model stuck in a tool-call loop)."""

@@ -1,6 +1,7 @@
 """Documents across protocols, and content one protocol has and another lacks: translated when
 a faithful form exists, else a 400 in the client's protocol — never a request that quietly
-arrives without it.
+arrives without it (nor a setting that arrives as its opposite, a field dropped on the way
+back, or a value the backend cannot read).
 
 Clients (aiohttp, real sockets) of each protocol → llmproxy → fake upstreams of another.
 """
@@ -296,3 +297,142 @@ def test_an_additional_tools_item_goes_back_to_a_responses_backend_as_it_came() 
     again = codec.encode_request(request, "m")
     assert again["input"][0] == item and "tools" not in again
     assert [i.get("role") for i in again["input"][1:]] == ["developer", "user"]
+
+
+# -- what a new user's trial found: reasoning switches, calls without arguments, stop
+# -- sequences, error fields, image types, and numbers that are not numbers
+
+
+@pytest.mark.parametrize("model, expected", [("gem:gemini-2.5-flash", {"thinkingBudget": 0}), ("gem:gemini-3-pro-preview", {"thinkingLevel": "LOW"})])
+async def test_asking_for_no_reasoning_gets_the_least_gemini_can_do(proxy: RunningProxy, fake_gemini: FakeGemini, model: str, expected: dict[str, Any]) -> None:
+    """effort "none" from OpenAI clients: no thinking on Gemini 2.x, and LOW on Gemini 3
+    (which cannot switch it off) — never the HIGH an unknown effort used to get."""
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "none"}
+    assert (await post(proxy, "/v1/chat/completions", chat))[0] == 200
+    assert fake_gemini.last.json["generationConfig"]["thinkingConfig"] == expected
+    responses = {"model": model, "input": "hi", "reasoning": {"effort": "none"}}
+    assert (await post(proxy, "/v1/responses", responses))[0] == 200
+    assert fake_gemini.last.json["generationConfig"]["thinkingConfig"] == expected
+
+
+async def test_gemini_dynamic_thinking_is_a_middle_effort_elsewhere(proxy: RunningProxy, fake_anthropic: FakeAnthropic, fake_openai: FakeOpenAI) -> None:
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+            "generationConfig": {"maxOutputTokens": 100, "thinkingConfig": {"thinkingBudget": -1, "includeThoughts": True}}}
+    assert (await post(proxy, "/v1beta/models/claude:claude-sonnet-4-5:generateContent", body))[0] == 200
+    assert fake_anthropic.last.json["thinking"] == {"type": "enabled", "budget_tokens": 8192}
+    assert (await post(proxy, "/v1beta/models/chat:o4-mini:generateContent", body))[0] == 200
+    assert fake_openai.last.json["reasoning_effort"] == "medium"
+
+
+async def test_a_streamed_anthropic_call_without_input_reaches_chat_clients_as_an_empty_object(proxy: RunningProxy, fake_anthropic: FakeAnthropic) -> None:
+    """Anthropic streams a call without arguments as empty input_json_deltas; an OpenAI
+    client (which parses the arguments) gets "{}", as OpenAI sends, never ""."""
+    fake_anthropic.script(tool_arguments="")
+    tool = {"type": "function", "function": {"name": "list_files", "parameters": {"type": "object", "properties": {}}}}
+    body = {"model": "claude:claude-sonnet-4-5", "stream": True, "messages": [{"role": "user", "content": "list them"}], "tools": [tool]}
+    status, answer = await post(proxy, "/v1/chat/completions", body)
+    assert status == 200
+    chunks = [json.loads(line[6:]) for line in answer.splitlines() if line.startswith("data: {")]
+    pieces = [call["function"].get("arguments") for chunk in chunks for choice in chunk["choices"]
+              for call in (choice["delta"].get("tool_calls") or ())]
+    assert pieces[0] == "" and "".join(pieces) == "{}"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] == ["tool_calls"]
+
+
+async def test_the_stop_sequence_that_ended_an_answer_survives_a_decoded_stream(fake_anthropic: FakeAnthropic, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tools offered and a stream processor on: the Anthropic stream is decoded and encoded
+    again, and still says which stop sequence ended it — as does the answer not streamed."""
+    import llmproxy_loop_detection
+
+    monkeypatch.setenv("UNTRANSLATABLE_KEY", "test-key-untranslatable")
+    fake_anthropic.script(raw_text=True, stop_sequence="END")
+    config = {"proxy": {"drain_timeout": 0}, "default_backend": "claude",
+              "backends": {"claude": {"type": "anthropic", "base_url": fake_anthropic.base_url, "api_keys": ["${UNTRANSLATABLE_KEY}"]}}}
+    proxy = await start_proxy(config, plugins=[*PLUGINS, ("loop_detection", llmproxy_loop_detection)], entry_points=False)
+    try:
+        tool = {"name": "Bash", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}
+        body = {"model": "claude-sonnet-4-5", "max_tokens": 50, "stop_sequences": ["END"], "messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+        status, streamed = await post(proxy, "/v1/messages", {**body, "stream": True})
+        status_whole, whole = await post(proxy, "/v1/messages", body)
+    finally:
+        await proxy.stop()
+    assert status == status_whole == 200
+    delta = next(json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: ") and '"message_delta"' in line)
+    assert delta["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+    assert (whole["stop_reason"], whole["stop_sequence"]) == ("stop_sequence", "END")
+
+
+async def test_the_field_an_openai_backend_refused_reaches_the_client() -> None:
+    """OpenAI names the request field it refused in ``param``; clients show it."""
+    from aiohttp import web
+
+    from llmproxy.testing import start_app
+
+    async def refuse(request: web.Request) -> web.Response:
+        error = {"message": "Unsupported value: 'temperature' does not support 0.2 with this model.", "type": "invalid_request_error",
+                 "param": "temperature", "code": "unsupported_value"}
+        return web.json_response({"error": error}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", refuse)
+    url, runner = await start_app(app)
+    proxy = await start_proxy({"proxy": {"drain_timeout": 0}, "backends": {"o": {"type": "openai", "base_url": url + "/v1"}}, "default_backend": "o"},
+                              plugins=PLUGINS, entry_points=False)
+    try:
+        status, answer = await post(proxy, "/v1/chat/completions", {"model": "o3", "temperature": 0.2, "messages": [{"role": "user", "content": "hi"}]})
+    finally:
+        await proxy.stop()
+        await runner.cleanup()
+    assert status == 400
+    assert answer["error"]["param"] == "temperature" and answer["error"]["code"] == "unsupported_value"
+
+
+async def test_an_anthropic_overload_reaches_gemini_clients_as_unavailable(proxy: RunningProxy, fake_anthropic: FakeAnthropic) -> None:
+    fake_anthropic.script(status=529, message="Overloaded")
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    status, answer = await post(proxy, "/v1beta/models/claude:claude-sonnet-4-5:generateContent", body)
+    assert status >= 500 and (answer["error"]["code"], answer["error"]["status"]) == (503, "UNAVAILABLE")
+
+
+async def test_an_image_url_reaches_gemini_with_its_type(proxy: RunningProxy, fake_gemini: FakeGemini) -> None:
+    def chat(url: str) -> dict[str, Any]:
+        return {"model": "gem:gemini-2.5-flash", "messages": [{"role": "user", "content": [{"type": "text", "text": "what is it?"},
+                                                                                            {"type": "image_url", "image_url": {"url": url}}]}]}
+
+    assert (await post(proxy, "/v1/chat/completions", chat("https://example.com/cat.PNG?size=large")))[0] == 200
+    assert {"fileData": {"mimeType": "image/png", "fileUri": "https://example.com/cat.PNG?size=large"}} in fake_gemini.last.json["contents"][-1]["parts"]
+    calls = len(fake_gemini.requests)
+    status, answer = await post(proxy, "/v1/chat/completions", chat("https://example.com/picture"))
+    assert status == 400 and "data: URL" in answer["error"]["message"] and len(fake_gemini.requests) == calls
+
+
+async def test_a_file_only_gemini_can_read_is_refused_elsewhere(proxy: RunningProxy, fake_anthropic: FakeAnthropic, fake_openai: FakeOpenAI) -> None:
+    body = {"contents": [{"role": "user", "parts": [{"text": "what is it?"}, {"fileData": {"mimeType": "image/png", "fileUri": "gs://bucket/cat.png"}}]}]}
+    for model in ("claude:claude-sonnet-4-5", "chat:gpt-4o-mini"):
+        status, answer = await post(proxy, f"/v1beta/models/{model}:generateContent", body)
+        assert status == 400 and "gs://bucket/cat.png" in answer["error"]["message"]
+    assert not fake_anthropic.requests and not fake_openai.requests
+
+
+@pytest.mark.parametrize("change, param", [({"max_tokens": "lots"}, "max_tokens"), ({"temperature": True}, "temperature"), ({"n": 3}, "n"),
+                                           ({"messages": [{"role": "user", "content": None}]}, "messages[0].content")])
+async def test_what_the_backend_could_not_read_is_a_400_not_a_guess(proxy: RunningProxy, fake_anthropic: FakeAnthropic, change: dict[str, Any], param: str) -> None:
+    body = {"model": "claude:claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}], **change}
+    status, answer = await post(proxy, "/v1/chat/completions", body)
+    assert status == 400 and answer["error"]["param"] == param
+    assert not fake_anthropic.requests
+
+
+async def test_an_anthropic_request_without_messages_is_a_400_before_another_backend(proxy: RunningProxy, fake_openai: FakeOpenAI) -> None:
+    status, answer = await post(proxy, "/v1/messages", {"model": "chat:gpt-4o-mini", "max_tokens": 10, "messages": []})
+    assert status == 400 and answer["type"] == "error" and "at least one message" in answer["error"]["message"]
+    assert not fake_openai.requests
+
+
+async def test_gemini_only_schema_keywords_stay_with_gemini(proxy: RunningProxy, fake_openai: FakeOpenAI) -> None:
+    """google-genai writes propertyOrdering from a pydantic model; JSON Schema elsewhere has no such keyword."""
+    schema = {"type": "OBJECT", "properties": {"b": {"type": "STRING"}, "a": {"type": "INTEGER"}}, "propertyOrdering": ["b", "a"]}
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": {"responseMimeType": "application/json", "responseSchema": schema}}
+    assert (await post(proxy, "/v1beta/models/chat:gpt-4o-mini:generateContent", body))[0] == 200
+    sent = fake_openai.last.json["response_format"]["json_schema"]["schema"]
+    assert sent == {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}}
