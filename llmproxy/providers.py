@@ -201,8 +201,11 @@ class Provider:
         raise NotImplementedError
 
     async def stream(self, flow: Flow, target: "Target", passthrough: bool) -> UpstreamStream:
-        """Begin a stream. ``passthrough`` means the wire chunks go to the client as they are
-        (no decoding), so the request should not add anything the client did not ask for."""
+        """Begin a stream: an :class:`UpstreamStream` of wire chunks in this provider's protocol
+        (``read=``, one call per socket read, or ``chunks=``, any async iterator) or of
+        canonical event ``batches``. ``passthrough`` means the wire chunks go to the client
+        as they are (no decoding), so the request should not add anything the client did
+        not ask for."""
         raise NotImplementedError
 
     async def forward(self, flow: Flow, target: "Target", endpoint: str, stream: bool) -> "UpstreamReply | UpstreamStream":
