@@ -657,7 +657,10 @@ class Writer:
         assert response is not None, "stream_error before the stream began"
         try:
             await response.write(data)
-            await response.write_eof()
+            if self.codec.error_ends_connection and self.request.transport is not None:
+                self.request.transport.close()  # what is written goes first; no end of stream
+            else:
+                await response.write_eof()
         except (ConnectionError, RuntimeError):
             pass
 

@@ -78,6 +78,7 @@ ERROR_TYPES = {
 class AnthropicCodec:
     protocol = PROTOCOL
     content_type_stream = "text/event-stream"
+    error_ends_connection = False
 
     # -- requests ----------------------------------------------------------------------
     def peek(self, body: dict[str, Any]) -> tuple[str, bool]:
@@ -221,8 +222,14 @@ class AnthropicCodec:
             body["tool_choice"] = {"type": "auto", "disable_parallel_tool_use": True}
         reasoning = request.reasoning or {}
         wants_thinking = reasoning.get("budget_tokens") or (reasoning.get("effort") and reasoning.get("effort") not in ("none",))
-        if same and "_thinking" in request.extra:
-            body["thinking"] = request.extra["_thinking"]  # an Anthropic client's own, as it sent it
+        own = request.extra.get("_thinking") if same else None
+        thinking_on = isinstance(own, dict) and own.get("type") in ("enabled", "adaptive")
+        if own is not None:
+            body["thinking"] = own  # an Anthropic client's own, as it sent it
+            if thinking_on:  # a plugin's setting (!/set) may not add what thinking refuses
+                if body.get("temperature") not in (None, 1):
+                    body.pop("temperature")
+                body.pop("top_k", None)
         elif wants_thinking and (body.get("tool_choice", {}).get("type") in ("any", "tool") or _unsigned_tool_turn(body["messages"])):
             # Anthropic refuses thinking with a forced tool choice; forcing the tool matters more.
             # Mid tool loop, Anthropic wants the last assistant turn to start with its signed

@@ -37,6 +37,9 @@ class StreamEncoder(Protocol):
 class Codec(Protocol):
     protocol: str
     content_type_stream: str
+    # After a stream's error event, close the connection instead of ending the stream, for
+    # clients that would read a cleanly ended stream as a complete (cut short) answer.
+    error_ends_connection: bool
 
     # -- front-end side ----------------------------------------------------------------
     def peek(self, body: dict[str, Any]) -> tuple[str, bool]:

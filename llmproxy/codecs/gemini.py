@@ -110,6 +110,9 @@ class GeminiCodec:
     protocol = PROTOCOL
     content_type_stream = "text/event-stream"
     array_stream = False
+    # Gemini clients (Gemini CLI's bundled SDK) skip an error frame and take a stream that
+    # ends cleanly as a complete answer; the API itself drops the connection instead.
+    error_ends_connection = True
 
     # -- requests ----------------------------------------------------------------------
     def peek(self, body: dict[str, Any]) -> tuple[str, bool]:
@@ -280,7 +283,12 @@ class GeminiCodec:
     def error_body(self, error: ProxyError) -> dict[str, Any]:
         # Anthropic's 529 (overloaded) is what Gemini calls 503 UNAVAILABLE.
         status = 503 if error.status == 529 else error.status
-        return {"error": {"code": status, "message": error.message, "status": STATUS_NAMES.get(status, "UNKNOWN")}}
+        body: dict[str, Any] = {"code": status, "message": error.message, "status": STATUS_NAMES.get(status, "UNKNOWN")}
+        retry_after = (error.headers or {}).get("Retry-After", "")
+        if retry_after.isdigit():
+            # Where Gemini clients (Gemini CLI) read how long to wait; the header alone they ignore.
+            body["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_after}s"}]
+        return {"error": body}
 
     def error_event(self, error: ProxyError) -> bytes:
         if self.array_stream:

@@ -84,6 +84,7 @@ def effort_for_budget(budget: Any) -> str:
 class OpenAIChatCodec:
     protocol = PROTOCOL
     content_type_stream = "text/event-stream"
+    error_ends_connection = False
 
     # -- requests ----------------------------------------------------------------------
     def peek(self, body: dict[str, Any]) -> tuple[str, bool]:

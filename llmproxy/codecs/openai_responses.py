@@ -58,6 +58,7 @@ def _new_id(prefix: str) -> str:
 class OpenAIResponsesCodec:
     protocol = PROTOCOL
     content_type_stream = "text/event-stream"
+    error_ends_connection = False
 
     # -- requests ----------------------------------------------------------------------
     def peek(self, body: dict[str, Any]) -> tuple[str, bool]:

@@ -151,7 +151,10 @@ def request(flow: Flow) -> Any:
         return None
     settings = context.settings(PLUGIN) or _DEFAULTS
     raw = flow.raw_body
-    if raw and not mentions(raw, settings.prefix):
+    # A request for JSON output is an agent's own side call (Gemini CLI's model router
+    # classifies the user's prompt so): the commands are the user's turn's, which runs them;
+    # answering this call with prose would break the agent.
+    if raw and not mentions(raw, settings.prefix) or flow.request.response_format is not None:
         state = context.state.get(STATE_KEY)
         if state is not None and state.overrides:
             session = flow.session
@@ -202,7 +205,12 @@ def _clean_history(messages: list[Message], current: Message | None, settings: C
     for i, message in enumerate(messages):
         if message is current or message.role != "user":
             continue
-        answered = i + 1 < len(messages) and _is_our_reply(messages[i + 1], marker)
+        # llmproxy's reply follows the message, maybe after system messages a client put in
+        # between (Claude Code's reminders, which belong to that turn).
+        reply = i + 1
+        while reply < len(messages) and messages[reply].role == "system":
+            reply += 1
+        answered = reply < len(messages) and _is_our_reply(messages[reply], marker)
         touched = False
         kept = []
         for part in message.parts:
@@ -221,7 +229,9 @@ def _clean_history(messages: list[Message], current: Message | None, settings: C
             if not kept:
                 drop.add(i)
             if answered:
-                drop.add(i + 1)
+                drop.add(reply)
+                if not kept:  # the whole exchange goes, its system messages with it
+                    drop.update(range(i + 1, reply))
     if drop:
         messages[:] = [m for i, m in enumerate(messages) if i not in drop]
 

@@ -21,6 +21,7 @@ from fakes.gemini_upstream import FakeGemini
 from fakes.openai_upstream import FakeOpenAI
 from fakes.responses_upstream import FakeResponses
 
+from llmproxy.codecs import get_codec
 from llmproxy.testing import RunningProxy, start_proxy
 
 PDF_DATA = "JVBERi0xLjQK"
@@ -436,3 +437,45 @@ async def test_gemini_only_schema_keywords_stay_with_gemini(proxy: RunningProxy,
     assert (await post(proxy, "/v1beta/models/chat:gpt-4o-mini:generateContent", body))[0] == 200
     sent = fake_openai.last.json["response_format"]["json_schema"]["schema"]
     assert sent == {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}}
+
+
+# -- from a trial with the real agents
+
+
+async def test_a_gemini_stream_that_breaks_mid_way_does_not_end_as_if_complete(proxy: RunningProxy, fake_openai: FakeOpenAI) -> None:
+    """Gemini CLI skips an error frame and takes a cleanly ended stream as a whole (cut short)
+    answer: after the error frame the connection closes without the stream's end."""
+    fake_openai.script(break_after=3)
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    received = b""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(proxy.url + "/v1beta/models/chat:gpt-4o-mini:streamGenerateContent?alt=sse", json=body) as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async for chunk in response.content.iter_any():
+                    received += chunk
+    frames = [json.loads(line[6:]) for line in received.decode().splitlines() if line.startswith("data: ")]
+    assert frames[0]["candidates"] and frames[-1]["error"]["status"] == "UNAVAILABLE"
+
+
+def test_a_temperature_thinking_refuses_goes_when_a_decoded_anthropic_request_thinks() -> None:
+    """!/set(temperature=…) on a Claude Code session that thinks: Anthropic refuses a
+    temperature other than 1 with thinking, so the request goes without it."""
+    codec = get_codec("anthropic")
+    body = {"model": "claude-opus-4-5", "max_tokens": 2000, "thinking": {"type": "adaptive"}, "messages": [{"role": "user", "content": "hi"}]}
+    request = codec.decode_request(body)
+    request.params["temperature"] = 0.2  # what the commands plugin's !/set does
+    sent = codec.encode_request(request, "claude-opus-4-5")
+    assert sent["thinking"] == {"type": "adaptive"} and "temperature" not in sent
+    without = codec.encode_request(codec.decode_request({**body, "thinking": {"type": "disabled"}, "temperature": 0.2}), "claude-opus-4-5")
+    assert without["temperature"] == 0.2
+
+
+async def test_a_gemini_client_is_told_how_long_to_wait_where_it_looks(proxy: RunningProxy, fake_anthropic: FakeAnthropic) -> None:
+    fake_anthropic.script(status=429, message="rate limited", retry_after="20")
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(proxy.url + "/v1beta/models/claude:claude-sonnet-4-5:generateContent", json=body) as response:
+            answer = await response.json()
+            assert response.status == 429 and response.headers["Retry-After"] == "20"
+    assert answer["error"]["details"] == [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "20s"}]

@@ -175,6 +175,35 @@ async def test_history_is_cleaned_and_only_the_current_turn_runs() -> None:
     assert not ctx.sessions.all()  # and no session was even looked up
 
 
+async def test_a_reply_after_the_clients_system_messages_leaves_the_history_with_them() -> None:
+    """Claude Code puts a mid-conversation system message between the user's turn and the
+    answer: llmproxy's reply there goes too, and with a message of commands alone the whole
+    exchange does, so no backend is sent a conversation opening with a system message."""
+    ctx = context()
+    body = {"model": "m", "messages": [
+        {"role": "user", "content": "!/status"},
+        {"role": "system", "content": "reminder: be brief"},
+        {"role": "assistant", "content": MARKER + "session: abc"},
+        {"role": "user", "content": "hello"},
+        {"role": "system", "content": "reminder: still brief"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "what now?"},
+    ]}
+    flow = await run_request(ctx, body)
+    assert [(m.role, m.text) for m in flow.request.messages] == [
+        ("user", "hello"), ("system", "reminder: still brief"), ("assistant", "hi"), ("user", "what now?")]
+
+
+async def test_a_request_for_json_is_an_agents_side_call_and_runs_no_commands() -> None:
+    """Gemini CLI's model router asks, with a JSON schema, how hard the user's prompt is: a
+    prose answer from llmproxy there broke the router (five retries, 90 s)."""
+    ctx = context()
+    body = {"model": "m", "messages": [{"role": "user", "content": "!/status"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "route", "schema": {"type": "object"}}}}
+    flow = await run_request(ctx, body)
+    assert not flow.has_response and flow.request.messages[0].text == "!/status"
+
+
 async def test_tool_loop_runs_nothing() -> None:
     ctx = context()
     body = {"model": "m", "messages": [
