@@ -317,7 +317,7 @@ async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Await
     last_error: ProxyError | None = None
     needs = None
     excluded = flow.routing.get("excluded") if flow.routing is not None else None
-    for target in targets:
+    for position, target in enumerate(targets):
         if excluded and target.label in excluded:
             continue  # it already broke its stream for this request
         provider = target.provider
@@ -383,7 +383,8 @@ async def failover(flow: Flow, ctx: ProxyContext, attempt: Callable[[Any], Await
                     raise error from None
                 delay = backoff_delay(tries, retry, retry_after) if tries < retry.attempts else None
                 if delay is None or (deadline is not None and time.monotonic() + delay >= deadline):
-                    log.warning("flow %s: %s failed (%s %s); trying the next target", flow.id, target.label, error.status, error.message)
+                    then = "trying the next target" if position + 1 < len(targets) else "no other target is left"
+                    log.warning("flow %s: %s failed (%s %s); %s", flow.id, target.label, error.status, error.message, then)
                     break
                 log.info("flow %s: %s failed (%s); trying it again in %.2fs", flow.id, target.label, error.status, delay)
                 await asyncio.sleep(delay)

@@ -902,4 +902,5 @@ async def test_backend_key_never_reaches_the_client_or_the_log(
     for answer in answers:
         assert UPSTREAM_KEY.encode() not in answer
     assert "trying the next target" in caplog.text
+    assert "down:gpt-x failed (502 backend 'down' is unreachable: ClientConnectorError); no other target is left" in caplog.text
     assert UPSTREAM_KEY not in caplog.text
