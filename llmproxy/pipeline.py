@@ -292,7 +292,7 @@ async def dispatch(flow: Flow, ctx: ProxyContext, processors: list[Any] | None) 
 
 def _restream(reply: UpstreamReply) -> UpstreamStream:
     if reply.response is not None:
-        return UpstreamStream(reply.protocol, batches=_restreamed(response_events(reply.response)))
+        return UpstreamStream(reply.protocol, batches=_batch(response_events(reply.response)))
     return UpstreamStream(reply.protocol, whole=reply.body or b"")
 
 
@@ -521,18 +521,14 @@ def _spawn(coro: Any) -> None:
     task.add_done_callback(_background.discard)
 
 
-async def _restreamed(events: list[StreamEvent]) -> Any:
+async def _batch(events: list[StreamEvent]) -> Any:
+    """One batch of events as a stream's ``batches`` (a whole answer re-streamed)."""
     yield events
 
 
-def _once(events: list[StreamEvent]) -> Callable[[], Awaitable[list[StreamEvent]]]:
+def _once(events: list[StreamEvent]) -> Callable[[], Awaitable[Any]]:
     """A reader (see :meth:`Writer.stream_events`) of one batch of events."""
-    batches = [events]
-
-    async def read() -> list[StreamEvent]:
-        return batches.pop() if batches else []
-
-    return read
+    return read_from(_batch(events))
 
 
 def _apply(processors: list[tuple[str, Any]], events: list[StreamEvent]) -> list[StreamEvent]:
@@ -658,12 +654,18 @@ class Writer:
         assert response is not None, "stream_error before the stream began"
         try:
             await response.write(data)
-            if self.codec.error_ends_connection and self.request.transport is not None:
-                self.request.transport.close()  # what is written goes first; no end of stream
-            else:
-                await response.write_eof()
+            await self._end(response, failed=True)
         except (ConnectionError, RuntimeError):
             pass
+
+    async def _end(self, response: web.StreamResponse, failed: bool) -> None:
+        """End the stream; after an error event, close the connection instead where the
+        client's protocol wants it (``Codec.error_ends_connection``: what is written goes
+        first, the end of the stream never does)."""
+        if failed and self.codec.error_ends_connection and self.request.transport is not None:
+            self.request.transport.close()
+        else:
+            await response.write_eof()
 
     async def relay(self, upstream: UpstreamStream, processors: list[Any]) -> None:
         flow = self.flow
@@ -724,7 +726,7 @@ class Writer:
                 # record is masked as _fail masks every other error.
                 error.message = flow.context.redactor.text(error.message)  # type: ignore[union-attr]
                 flow.error = error
-                await response.write_eof()
+                await self._end(response, failed=True)
                 return
         flow.set_lazy_response(lambda: _fold(protocol, received, model))
         await response.write_eof()
@@ -749,7 +751,7 @@ class Writer:
         # events are not copied: once encoded and written, nothing changes them.
         sent: list[StreamEvent] = []
         model = flow.model
-        ended = False
+        ended = failed = False
         try:
             while True:
                 events = await read()
@@ -795,6 +797,7 @@ class Writer:
                 if ended:
                     last = events[-1]
                     if last.kind == EventKind.ERROR:
+                        failed = True
                         flow.error = last.error if isinstance(last.error, ProxyError) else ProxyError(500, str(last.error))
                     break
         finally:
@@ -805,7 +808,7 @@ class Writer:
             raise ProxyError(502, "backend stream ended before the response was complete")
         if response is None:
             response = await self._begin()
-        await response.write_eof()
+        await self._end(response, failed)
 
 
 def _fold_events(events: list[StreamEvent], model: str) -> Response:
