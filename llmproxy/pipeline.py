@@ -749,12 +749,30 @@ class Writer:
         # What the client was sent, folded into flow.response only if someone reads it: most
         # flows have nobody who does, and folding as we go cost as much as encoding. The
         # events are not copied: once encoded and written, nothing changes them.
-        sent: list[StreamEvent] = []
+        sent: list[Any] = []  # events, and the (index, literal) of text copied as it came
         model = flow.model
         ended = failed = False
+        # Text copied from the backend's bytes into the client's, unparsed, when no processor
+        # could want to see or change it (StreamDecoder.text_literal).
+        literal_of = None if processors or decoder is None else decoder.text_literal
+        copy_literal = getattr(encoder, "text_literal", None)
+        if copy_literal is None:
+            literal_of = None
         try:
             while True:
                 events = await read()
+                if literal_of is not None and events:
+                    text = literal_of(events)
+                    if text is not None:
+                        data = copy_literal(*text)
+                        if data is not None:
+                            sent.append(text)
+                            if flow.sent is not None:
+                                flow.sent.append((time.monotonic(), data))
+                            if response is None:  # never: a block is open, so written to
+                                response = await self._begin()
+                            await response.write(data)
+                            continue
                 if not events:  # the end
                     if decoder is None:
                         break
@@ -811,10 +829,13 @@ class Writer:
         await self._end(response, failed)
 
 
-def _fold_events(events: list[StreamEvent], model: str) -> Response:
-    """A streamed response, from the canonical events the client was sent."""
+def _fold_events(events: list[Any], model: str) -> Response:
+    """A streamed response, from the canonical events the client was sent (text sent as
+    copied literals comes as ``(index, literal)``)."""
     builder = ResponseBuilder(model, protocol="")
     for event in events:
+        if event.__class__ is tuple:
+            event = StreamEvent(EventKind.TEXT, event[0], loads(event[1]))
         builder.add(event)
     return builder.build()
 

@@ -7,7 +7,9 @@ general path gives, for any input, or step aside.
    the same read, for streams mixing plain text chunks (text with every kind of escape,
    unicode, control characters) with near misses (broken literals, bad UTF-8, lone
    surrogates, other envelopes, finish, usage, tool calls, comments, event lines, CRLF),
-   cut at arbitrary offsets.
+   cut at arbitrary offsets. Each stream is also read the way the pipeline reads one that no
+   processor watches: a read ``text_literal`` takes (one plain frame, its literal copied
+   unparsed) is that literal's text event, and must be the event the general path gives.
 2. ``AnthropicStreamEncoder``'s short way for text in the open block (remembered from one
    batch to the next): a stream encoded in one batch, one event per batch, or in any
    batches gives the same bytes as the same stream with the short way forgotten before
@@ -73,17 +75,32 @@ def joined_texts(events: list[StreamEvent]) -> list[StreamEvent]:
     return out
 
 
-def run(decoder: ChatStreamDecoder, reads: list[bytes]) -> list[Any]:
+def run(decoder: ChatStreamDecoder, reads: list[bytes], literals: bool = False) -> list[Any]:
     """Per read, its events (runs of text joined, see :func:`joined_texts`), or the error
-    that ended the stream there (then nothing more)."""
+    that ended the stream there (then nothing more). With ``literals``, as the pipeline
+    reads a stream nobody watches: a read :meth:`~ChatStreamDecoder.text_literal` takes is
+    its text event, parsed here, and not fed."""
     out: list[Any] = []
     try:
         for read in reads:
+            copied = decoder.text_literal(read) if literals else None
+            if copied is not None:
+                index, literal = copied
+                out.append([StreamEvent(EventKind.TEXT, index, orjson.loads(literal))])
+                continue
             out.append(joined_texts(decoder.feed(read)))
         out.append(decoder.close())
     except ProxyError as error:
         out.append(("error", error.status, error.message))
     return out
+
+
+def agree(reads: list[bytes], message: Any = None) -> None:
+    """The fast paths give what the general path gives: fed every read, and with the reads
+    that are one plain text frame taken as copied literals."""
+    expected = run(general_decoder(), reads)
+    assert run(ChatStreamDecoder(), reads) == expected, message
+    assert run(ChatStreamDecoder(), reads, literals=True) == expected, message
 
 
 # -- chat streams: plain text chunks and near misses ----------------------------------------
@@ -195,7 +212,7 @@ def test_chat_bulk_fast_path_equals_general_path(segment: int, data: st.DataObje
     monkeypatch.setattr(openai_chat, "_SEGMENT", segment)
     stream = data.draw(chat_streams())
     reads = data.draw(st.one_of(_frame_reads(stream), S.splits(stream), st.just([stream])))
-    assert run(ChatStreamDecoder(), reads) == run(general_decoder(), reads)
+    agree(reads)
 
 
 @st.composite
@@ -234,6 +251,38 @@ def test_fast_path_is_taken_and_agrees(per_read: int) -> None:
     assert decoder.general_frames <= 2 * per_read + 3 < len(frames)
 
 
+def test_a_paced_stream_copies_the_text_it_can() -> None:
+    """One frame per read, as a paced stream comes: once the shape is learned, every plain
+    text frame is taken as its literal, spelled as the backend spelled it, except those
+    only a parse can vouch for (a \\u escape, which may be a lone surrogate) or that give
+    no event (empty text); a frame buffered behind a partial one is never taken."""
+    texts = ["Hello", "there", "a/b", "é", ", wo", "", "😀", 'say "hi"', "tab\t", "x" * 300]
+    frames = _plain_stream(texts)  # a role chunk, then frame i holds texts[i - 1]
+    spelled = {"a/b": b'"a\\/b"', "é": b'"\\u00e9"'}  # valid spellings orjson never writes
+    for i, text in enumerate(texts, start=1):
+        if text in spelled:
+            frames[i] = frames[i].replace(orjson.dumps(text), spelled[text])
+    decoder = ChatStreamDecoder()
+    copied = {}
+    for i, frame in enumerate(frames):
+        taken = decoder.text_literal(frame)
+        if taken is None:
+            decoder.feed(frame)
+        else:
+            copied[i] = taken
+    literal = {i: spelled.get(text, orjson.dumps(text)) for i, text in enumerate(texts, start=1)}
+    # frame 1 begins the text block, frame 2 is the one the shape is learned from
+    assert copied == {i: (0, literal[i]) for i in (3, 5, 7, 8, 9, 10)}
+    assert copied[3] == (0, b'"a\\/b"')
+    assert run(ChatStreamDecoder(), frames, literals=True) == run(general_decoder(), frames)
+    half = len(frames[5]) // 2  # a frame split in two: the read after the first half is not one frame
+    decoder = ChatStreamDecoder()
+    for frame in frames[:4]:
+        decoder.feed(frame)
+    decoder.feed(frames[5][:half])
+    assert decoder.text_literal(frames[5][half:]) is None and decoder.text_literal(frames[7]) is None
+
+
 @pytest.mark.parametrize("reads_of", [None, 100_000, 7_000])
 def test_big_reads_with_near_misses(reads_of: int | None) -> None:
     """A 2000-chunk stream (about 400 KB, so many segments per read) with unusual chunks
@@ -262,9 +311,9 @@ def test_fast_path_at_every_cut() -> None:
     expected = run(general_decoder(), [wire])
     for offset in range(len(learned), len(wire)):
         reads = [learned, wire[len(learned) : offset], wire[offset:]]
-        assert run(ChatStreamDecoder(), reads) == run(general_decoder(), reads), offset
+        agree(reads, offset)
     sevens = [wire[i : i + 7] for i in range(0, len(wire), 7)]
-    assert run(ChatStreamDecoder(), sevens) == run(general_decoder(), sevens)
+    agree(sevens)
     events = [event for batch in expected[:-1] for event in batch]
     assert "".join(event.text for event in events if event.kind == "text") == "".join(TEXTS)
 
@@ -276,7 +325,7 @@ def test_broken_literal_after_learning(literal: bytes) -> None:
     frames = _plain_stream(["a", "b", "c", "d"])
     broken = frames[4].replace(b'"d"', literal)
     for reads in ([b"".join(frames[:4]), frames[3] + broken + frames[3]], [b"".join(frames[:4]), broken, frames[3]]):
-        assert run(ChatStreamDecoder(), reads) == run(general_decoder(), reads)
+        agree(reads)
 
 
 @MANY
@@ -288,7 +337,7 @@ def test_any_literal_after_learning(literal: bytes, before: int, after: int) -> 
     odd = frames[4].replace(b'"d"', literal)
     learned = b"".join(frames[:4])
     for reads in ([learned, odd], [learned, frames[3] * before + odd + frames[3] * after, frames[3]]):
-        assert run(ChatStreamDecoder(), reads) == run(general_decoder(), reads)
+        agree(reads)
 
 
 @MANY
@@ -301,7 +350,7 @@ def test_one_byte_off(at: int, byte: int, before: int, after: int) -> None:
     odd = frames[4][:at] + bytes([byte]) + frames[4][at + 1 :]
     learned = b"".join(frames[:4])
     for reads in ([learned, odd], [learned, frames[3] * before + odd + frames[3] * after, frames[3]]):
-        assert run(ChatStreamDecoder(), reads) == run(general_decoder(), reads)
+        agree(reads)
 
 
 # -- the SSE splitter's support for it ------------------------------------------------------

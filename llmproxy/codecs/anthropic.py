@@ -745,6 +745,11 @@ class AnthropicStreamEncoder:
         out.append(head + dumps(value) + b"}}\n\n")
         return head
 
+    def text_literal(self, index: int, literal: bytes) -> bytes | None:
+        if index != self._text_index or self._text_index is None:
+            return None
+        return self._text_head + literal + b"}}\n\n"
+
     def encode(self, events: list[StreamEvent]) -> bytes:
         text_index, text_head = self._text_index, self._text_head
         if len(events) == 1:  # a paced stream's read: one event, nearly always text

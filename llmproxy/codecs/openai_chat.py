@@ -574,6 +574,11 @@ _PLAIN_TEXT_CHUNK = re.compile(
     + rb',"choices":\[\{"index":0,"delta":\{"content":(' + _STRING + rb')\},"logprobs":null,"finish_reason":null\}\]'
     + rb'(?:,"usage":null)?\}'
 )
+# A JSON string literal that can be copied into another JSON document as it is, with no
+# need to parse it to be sure: printable ASCII, UTF-8 (checked apart) and the short escapes.
+# A \u escape (which may be a lone surrogate, refused by the parser) or a control byte is
+# left to the parse.
+_COPYABLE = re.compile(rb'"[\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]*(?:\\["\\/bfnrt][\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]*)*"')
 _LEARN_ATTEMPTS = 3  # text chunks looked at for that shape before giving up on the stream
 _SEGMENT = 32 * 1024  # bytes of frames mapped at a time (see ChatStreamDecoder._whole_frames)
 
@@ -618,6 +623,29 @@ class ChatStreamDecoder(SSEStreamDecoder):
         else:
             for event_name, data in self._sse.feed(chunk):
                 self._frame(event_name, data, events)
+
+    def text_literal(self, chunk: bytes) -> tuple[int, bytes] | None:
+        """If ``chunk`` is exactly one plain text frame of the learned shape, with nothing
+        buffered before it, whose content is a literal that can be copied as it is (see
+        ``_COPYABLE``): ``(block index, literal)``, the TEXT event :meth:`feed` would give,
+        undecoded. Else None. Changes nothing either way (see StreamDecoder.text_literal)."""
+        head = self._frame_head
+        if not head or not chunk.startswith(head) or not chunk.endswith(self._frame_tail) or self._failed is not None:
+            return None
+        sse = self._sse
+        if sse._buffer or sse._cr:  # (between_frames, inline: this runs once per event)
+            return None
+        # Head and tail hold no line end but the frame's final one, and a copyable literal
+        # holds none, so a match proves the read is that one frame.
+        literal = chunk[len(head) : len(chunk) - len(self._frame_tail)]
+        if len(literal) < 3 or _COPYABLE.fullmatch(literal) is None:
+            return None  # empty text, or one to parse: feed() says what it is
+        if not literal.isascii():
+            try:
+                literal.decode()
+            except UnicodeDecodeError:
+                return None
+        return self._blocks["text"], literal
 
     def _plain_frame(self, frame: bytes, events: list[StreamEvent]) -> bool:
         """If ``frame``, one whole frame, is a plain text chunk of the learned shape, append
