@@ -753,11 +753,9 @@ class Writer:
         model = flow.model
         ended = failed = False
         # Text copied from the backend's bytes into the client's, unparsed, when no processor
-        # could want to see or change it (StreamDecoder.text_literal).
-        literal_of = None if processors or decoder is None else decoder.text_literal
+        # could want to see or change it (StreamDecoder.text_literal: optional, on both sides).
         copy_literal = getattr(encoder, "text_literal", None)
-        if copy_literal is None:
-            literal_of = None
+        literal_of = None if processors or copy_literal is None else getattr(decoder, "text_literal", None)
         try:
             while True:
                 events = await read()

@@ -746,6 +746,8 @@ class AnthropicStreamEncoder:
         return head
 
     def text_literal(self, index: int, literal: bytes) -> bytes | None:
+        """(StreamEncoder.text_literal) The literal in the open text block's remembered
+        frame head, as :meth:`encode` would write its text."""
         if index != self._text_index or self._text_index is None:
             return None
         return self._text_head + literal + b"}}\n\n"

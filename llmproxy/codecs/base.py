@@ -19,7 +19,14 @@ from ..errors import ProxyError
 
 class StreamDecoder(Protocol):
     """A terminal event (stop or error) is the last event a decoder returns: nothing follows
-    it in its batch or later ones (the pipeline relies on that)."""
+    it in its batch or later ones (the pipeline relies on that).
+
+    Optionally, with an encoder that has it too, ``text_literal(chunk) -> (index, literal) |
+    None``: if ``chunk`` would give exactly one TEXT event, whose text is a JSON string literal
+    in it that can be copied into another JSON document unchanged, the block index and that
+    literal, unparsed; else None. It changes no state: a caller that takes the literal treats
+    it as that event, one that does not feeds the chunk after all. The pipeline asks only when
+    no stream processor would see the event, so no text can have been changed."""
 
     def feed(self, chunk: bytes) -> list[StreamEvent]:
         """Parse the complete events in ``chunk`` (plus whatever was buffered)."""
@@ -28,25 +35,17 @@ class StreamDecoder(Protocol):
         """The stream ended cleanly: return the final events (or raise ProxyError if it
         ended before the protocol says it is complete)."""
 
-    def text_literal(self, chunk: bytes) -> tuple[int, bytes] | None:
-        """Optional, with :meth:`StreamEncoder.text_literal`: if ``chunk`` would give exactly
-        one TEXT event, whose text is a JSON string literal in it that can be copied into
-        another JSON document unchanged, ``(block index, that literal)`` without parsing it;
-        else None. It changes no state: a caller that takes the literal treats it as that
-        event, and one that cannot feeds the chunk after all. The pipeline uses it only when
-        no stream processor would see the event (so no text can have been changed)."""
-
 
 class StreamEncoder(Protocol):
+    """Optionally, ``text_literal(index, literal) -> bytes | None``: the wire bytes for a TEXT
+    event of block ``index`` whose text is the JSON string ``literal`` (see StreamDecoder),
+    when the encoder can write it without the text (nearly always: the block is the one
+    open); else None, and the caller encodes the event. A paced stream reads one text chunk
+    at a time: copying its literal from the backend's bytes to the client's skips a parse
+    and a dump per event."""
+
     def encode(self, events: list[StreamEvent]) -> bytes:
         """Wire bytes for a batch of canonical events (may be empty)."""
-
-    def text_literal(self, index: int, literal: bytes) -> bytes | None:
-        """Optional: the wire bytes for a TEXT event of block ``index`` whose text is the
-        JSON string ``literal``, when this encoder can write it without the text (nearly
-        always: the block is the one open); else None, and the caller encodes the event.
-        A paced stream reads one text chunk at a time: copying its literal from the
-        backend's bytes to the client's skips a parse and a dump per event."""
 
 
 class Codec(Protocol):
@@ -270,9 +269,6 @@ class SSEStreamDecoder:
             self._frame(name, data, events)
         self._end(events)
         return events
-
-    def text_literal(self, chunk: bytes) -> tuple[int, bytes] | None:
-        return None  # a decoder that has the short way says so (StreamDecoder.text_literal)
 
     def _read(self, chunk: bytes, events: list[StreamEvent]) -> None:
         """Append the events of the frames ``chunk`` completes (a decoder may map faster)."""
