@@ -224,7 +224,14 @@ class AnthropicCodec:
         wants_thinking = reasoning.get("budget_tokens") or (reasoning.get("effort") and reasoning.get("effort") not in ("none",))
         own = request.extra.get("_thinking") if same else None
         thinking_on = isinstance(own, dict) and own.get("type") in ("enabled", "adaptive")
-        if own is not None:
+        if own is not None and own.get("type") == "enabled" and _unsigned_tool_turn(body["messages"]):
+            # The client's own thinking, but its last tool turn came from a backend of another
+            # family (a failover, !/oneoff): that turn's thinking, unsigned by Anthropic, was
+            # left out above, and enabled thinking refuses a tool turn without it. This one
+            # request goes without thinking, as the API's error advises (adaptive thinking
+            # may skip a turn's thinking, so it takes such turns as they are).
+            pass
+        elif own is not None:
             body["thinking"] = own  # an Anthropic client's own, as it sent it
             if thinking_on:  # a plugin's setting (!/set) may not add what thinking refuses
                 if body.get("temperature") not in (None, 1):

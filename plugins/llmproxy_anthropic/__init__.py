@@ -55,6 +55,16 @@ class AnthropicProvider(HTTPProvider):
         headers.update(settings.headers)
         return headers
 
+    def body(self, flow: Flow, target: Any, stream: bool, passthrough: bool) -> dict[str, Any]:
+        # An Anthropic client's body goes out as it came, unless its last assistant turn holds
+        # thinking no Anthropic model signed (another backend's, which llmproxy handed the
+        # client without the foreign signature: the API refuses it). Then the body is encoded
+        # from the canonical request, which leaves such thinking out, and what enabled
+        # thinking refuses without it (see the codec). Earlier turns' thinking the API ignores.
+        if flow.frontend == self.protocol and not flow.request_decoded and _unsigned_last_turn(flow.raw_request.get("messages")):
+            flow.request  # noqa: B018 - decodes it
+        return super().body(flow, target, stream, passthrough)
+
     def models_url(self) -> str:
         return self.base_url + "/v1/models?limit=1000"
 
@@ -72,6 +82,19 @@ class AnthropicProvider(HTTPProvider):
             body.pop(field, None)
         result = await self.send_json(flow, target, self.base_url + "/v1/messages/count_tokens", body)
         return int(result.get("input_tokens", 0)) if isinstance(result, dict) else None
+
+
+def _unsigned_last_turn(messages: Any) -> bool:
+    """Whether the last assistant message has a thinking block without a signature."""
+    if not isinstance(messages, list):
+        return False
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            content = message.get("content")
+            return isinstance(content, list) and any(
+                isinstance(block, dict) and block.get("type") == "thinking" and not block.get("signature") for block in content
+            )
+    return False
 
 
 @hookimpl

@@ -25,8 +25,9 @@ header, ``model``, ``max_tokens`` and ``messages`` required; ``thinking`` blocks
 ``signature``; a ``tool_result`` must answer a ``tool_use`` of the assistant turn before it;
 ``role: system`` messages only with the ``mid-conversation-system`` beta; a thinking
 ``budget_tokens`` must be ≥ 1024 and below ``max_tokens``; thinking may not be combined with a
-``tool_choice`` that forces a tool; a custom tool's ``input_schema`` must be ``type: object``
-(so Gemini's upper-case ``OBJECT`` is refused).
+``tool_choice`` that forces a tool; with ``thinking: enabled``, a last assistant turn that
+calls tools must begin with a thinking block; a custom tool's ``input_schema`` must be
+``type: object`` (so Gemini's upper-case ``OBJECT`` is refused).
 
 Scripting and recording are shared with the other fakes (:mod:`fakes.common`)::
 
@@ -208,6 +209,19 @@ class FakeAnthropic(FakeUpstream):
                 previous_tool_uses = tool_uses
             elif role == "user":
                 previous_tool_uses = set()
+        thinking = body.get("thinking")
+        if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+            # Mid tool loop, the last assistant turn must begin with its (signed) thinking.
+            last = next((i for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], dict) and messages[i].get("role") == "assistant"), None)
+            blocks = messages[last].get("content") if last is not None else None
+            if isinstance(blocks, list) and blocks and any(isinstance(b, dict) and b.get("type") == "tool_use" for b in blocks):
+                first = blocks[0].get("type") if isinstance(blocks[0], dict) else None
+                if first not in ("thinking", "redacted_thinking"):
+                    raise RequestError(
+                        f"messages.{last}.content.0.type: Expected `thinking` or `redacted_thinking`, but found `{first}`. When `thinking` is enabled, "
+                        "a final `assistant` message must start with a thinking block (preceeding the lastmost set of `tool_use` and `tool_result` "
+                        "blocks). We recommend you include thinking blocks from previous turns. To avoid this requirement, disable `thinking`."
+                    )
 
     # -- what to answer ----------------------------------------------------------------------
     def _message(self, body: dict[str, Any], behaviour: Behaviour) -> dict[str, Any]:

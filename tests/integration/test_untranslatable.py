@@ -488,3 +488,48 @@ async def test_a_gemini_client_is_told_how_long_to_wait_where_it_looks(proxy: Ru
             answer = await response.json()
             assert response.status == 429 and response.headers["Retry-After"] == "20"
     assert answer["error"]["details"] == [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "20s"}]
+
+
+BASH_TOOL = {"name": "Bash", "description": "Run a shell command", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}}
+
+
+@pytest.mark.parametrize("thinking", [{"type": "enabled", "budget_tokens": 2048}, {"type": "adaptive"}], ids=["enabled", "adaptive"])
+async def test_an_anthropic_client_returns_to_anthropic_after_another_backend_served_a_tool_turn(
+    proxy: RunningProxy, fake_gemini: FakeGemini, fake_anthropic: FakeAnthropic, thinking: dict[str, Any]
+) -> None:
+    """Claude Code's case after a failover or ``!/oneoff``: a Gemini backend served the tool
+    turn, so the client holds its thinking without a signature (Google's cannot travel).
+    Sent back to Anthropic as it is, the API refuses the unsigned block, and enabled
+    thinking refuses a tool turn without its thinking: llmproxy leaves that block out and,
+    for enabled thinking only, asks this one request without thinking."""
+    body = {"model": "gem:gemini-2.5-flash", "max_tokens": 4096, "thinking": thinking, "tools": [BASH_TOOL],
+            "messages": [{"role": "user", "content": "run echo hi"}]}
+    fake_gemini.script(tool_scenario=True)
+    status, turn = await post(proxy, "/v1/messages", body)
+    assert status == 200, turn
+    assert [block["type"] for block in turn["content"]] == ["thinking", "tool_use"] and not turn["content"][0]["signature"]
+    call = turn["content"][1]
+    history = [*body["messages"], {"role": "assistant", "content": turn["content"]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "hi"}]}]
+    fake_anthropic.script(tool_scenario=True)
+    status, answer = await post(proxy, "/v1/messages", {**body, "model": "claude:claude-sonnet-4-5", "messages": history})
+    assert status == 200, answer
+    assert any(block.get("text", "").endswith("hi") for block in answer["content"])
+    sent = fake_anthropic.last.json
+    assert [block["type"] for block in sent["messages"][1]["content"]] == ["tool_use"]  # the unsigned thinking left out
+    assert sent.get("thinking") == (None if thinking["type"] == "enabled" else thinking)
+
+
+async def test_an_anthropic_clients_own_signed_tool_turn_goes_out_as_it_came(proxy: RunningProxy, fake_anthropic: FakeAnthropic) -> None:
+    body = {"model": "claude:claude-sonnet-4-5", "max_tokens": 4096, "thinking": {"type": "enabled", "budget_tokens": 2048}, "tools": [BASH_TOOL],
+            "messages": [{"role": "user", "content": "run echo hi"}]}
+    fake_anthropic.script(tool_scenario=True)
+    status, turn = await post(proxy, "/v1/messages", body)
+    assert status == 200 and turn["content"][0]["type"] == "thinking" and turn["content"][0]["signature"]
+    call = next(block for block in turn["content"] if block["type"] == "tool_use")
+    history = [*body["messages"], {"role": "assistant", "content": turn["content"]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "hi"}]}]
+    status, answer = await post(proxy, "/v1/messages", {**body, "messages": history})
+    assert status == 200, answer
+    sent = fake_anthropic.last.json
+    assert sent["thinking"] == body["thinking"] and sent["messages"][1]["content"] == turn["content"]
