@@ -356,15 +356,18 @@ class HTTPProvider(Provider):
             raise ProxyError(500, f"backend {self.name!r} has no usable API key: set {', '.join(k.describe() for k in missing)}", kind="configuration_error")
         url = self.models_url()
         try:
-            async with self.session.get(url, headers=self.models_headers(key)) as response:
+            async with self.session.get(url, headers=self.models_headers(key), allow_redirects=False) as response:
                 payload = await response.read()
                 status = response.status
+                location = response.headers.get("Location")
         except asyncio.TimeoutError:
             raise ProxyError(504, f"backend {self.name!r} did not list its models in time", kind="timeout_error") from None
         except aiohttp.ClientError as error:
             raise ProxyError(502, f"backend {self.name!r} is unreachable: {type(error).__name__}", kind="upstream_unreachable") from None
         if status >= 400:
             raise self.upstream_error(status, payload)
+        if status >= 300:
+            raise self.redirect_error(status, location)
         try:
             return self.model_names(loads(payload))
         except ValueError:
@@ -489,6 +492,14 @@ class HTTPProvider(Provider):
             pass
         return ProxyError(status, self.redact(self.error_message(status, payload)), kind=_kind_for(status), param=param, code=code, headers=headers)
 
+    def redirect_error(self, status: int, location: str | None) -> ProxyError:
+        """A 3xx, never followed: the backend's key would go wherever ``Location`` points
+        (aiohttp drops only ``Authorization`` on a redirect to another host, not
+        ``x-api-key`` or ``x-goog-api-key``). Where it points is named, without its query."""
+        where = location.split("?", 1)[0][:300] if location else "nowhere"
+        return ProxyError(502, f"backend {self.name!r} answered HTTP {status}, a redirect to {where}: llmproxy does not follow redirects "
+                               "(the backend's key would go along); set the backend's base_url to where it points", kind="upstream_error")
+
     def redact(self, text: str) -> str:
         """``text`` with this backend's keys blanked out: some servers echo the credential
         they were sent in their error messages, which go to the client and the log."""
@@ -545,7 +556,7 @@ class HTTPProvider(Provider):
         if recording:
             attempt.request = upstream
         try:
-            response = await self.session.request(upstream.method, upstream.url, headers=upstream.headers, data=dumps(upstream.body))
+            response = await self.session.request(upstream.method, upstream.url, headers=upstream.headers, data=dumps(upstream.body), allow_redirects=False)
         except asyncio.TimeoutError:
             attempt.error = "timeout"
             attempt.ended = time.monotonic()
@@ -570,6 +581,11 @@ class HTTPProvider(Provider):
                 attempt.response_body = payload
             headers = {"Retry-After": response.headers["Retry-After"]} if "Retry-After" in response.headers else None
             raise self.upstream_error(response.status, payload, headers)
+        if response.status >= 300:
+            response.release()
+            attempt.error = f"HTTP {response.status}"
+            attempt.ended = time.monotonic()
+            raise self.redirect_error(response.status, response.headers.get("Location"))
         return response
 
     async def send_json(self, flow: Flow, target: "Target", url: str, body: dict[str, Any]) -> Any:
