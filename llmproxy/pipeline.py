@@ -192,13 +192,14 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "Writer") -> None:
                 return
             except RetryStream:
                 # A processor wants the backend asked again; only while nothing reached the client.
-                if flow.first_token_at is not None or retry == MAX_STREAM_RETRIES:
+                if writer.started or retry == MAX_STREAM_RETRIES:
                     raise
                 log.info("flow %s: a stream processor asked for the answer again", flow.id)
             except ProxyError as error:
                 # The stream broke (garbage, an error event) before anything reached the
                 # client: the next target takes over, as if this one had refused.
-                if flow.first_token_at is not None or retry == MAX_STREAM_RETRIES or not _fail_over_stream(flow, ctx, error):
+                # (Begun, even with no token yet, the client has headers or bytes: too late.)
+                if writer.started or retry == MAX_STREAM_RETRIES or not _fail_over_stream(flow, ctx, error):
                     raise
             finally:
                 await upstream.close()
@@ -706,15 +707,20 @@ class Writer:
                     response = await self._begin()
                 await response.write(pending[:end])
                 pending = pending[end:]
+        tail = b"".join(chunk[-80:] for chunk in received[-2:])[-80:]
+        model = flow.model  # the closure must not hold the flow: a cycle keeps streams alive
         if response is None:
+            if not get_codec(protocol).stream_complete(tail):
+                # Not one whole frame came (a stream cut inside its first, a web page): this
+                # attempt failed before anything reached the client, so it fails whole (the
+                # next target may take over) instead of sending what it has.
+                _fold(protocol, received, model)  # raises ProxyError when it is not an answer
             response = await self._begin()
         if pending.strip():
             tail_frame = pending if pending.endswith(b"\n\n") else pending + b"\n\n"
             if sent is not None:
                 sent.append((time.monotonic(), tail_frame))
             await response.write(tail_frame)
-        tail = b"".join(chunk[-80:] for chunk in received[-2:])[-80:]
-        model = flow.model  # the closure must not hold the flow: a cycle keeps streams alive
         if not get_codec(protocol).stream_complete(tail):
             try:
                 _fold(protocol, received, model)  # raises ProxyError when the stream was cut short

@@ -638,6 +638,19 @@ class HTTPProvider(Provider):
     async def _stream(self, response: aiohttp.ClientResponse, attempt: Attempt | None = None) -> UpstreamStream:
         recording = attempt is not None and attempt.request is not None  # kept only when recording
         content_type = response.headers.get("content-type", "")
+        if content_type.startswith("text/html"):
+            # A sign-in page, a web UI at base_url, a gateway's page: no stream will come.
+            try:
+                page = await response.content.read(2048)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                page = b""
+            finally:
+                response.close()
+                if attempt is not None:
+                    attempt.ended = time.monotonic()
+            text = " ".join(page.decode(errors="replace").split())[:200]
+            raise ProxyError(502, f"backend {self.name!r} answered the stream with a web page (HTTP {response.status}, text/html): {self.redact(text)}",
+                             kind="upstream_error")
         if "json" in content_type and "event-stream" not in content_type:
             # Some servers ignore stream: true; the pipeline re-streams the full answer.
             try:

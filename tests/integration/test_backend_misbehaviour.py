@@ -111,3 +111,57 @@ async def test_a_redirect_is_not_followed_and_no_key_leaves(backend: str, status
     with pytest.raises(ProxyError, match=f"HTTP {status}, a redirect"):  # what discovery and `llmproxy check` ask
         await proxy.context.providers[backend].list_models()
     assert elsewhere == []
+
+
+async def misbehave(request: web.Request) -> web.StreamResponse:
+    """Answers by the model asked for: ``html``, a sign-in page with 200; ``partial``, a
+    stream that ends cleanly 40 bytes into its first frame."""
+    body = await request.read()
+    model = request.path.split("/models/")[-1].split(":")[0] if "/models/" in request.path else json.loads(body)["model"]
+    if model == "html":
+        return web.Response(text="<html><body>Please sign in to continue</body></html>", content_type="text/html")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b'data: {"id": "c1", "object": "chat.compl')
+    await response.write_eof()
+    return response
+
+
+STREAMS = {  # client protocol: (path for model m, body)
+    "openai": ("/v1/chat/completions", {"model": "{m}", "stream": True, **CHAT}),
+    "anthropic": ("/v1/messages", {"model": "{m}", "max_tokens": 64, "stream": True, **CHAT}),
+    "gemini": ("/v1beta/models/{m}:streamGenerateContent?alt=sse", {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}),
+}
+
+
+def frames_are_whole(raw: bytes) -> bool:
+    """Every data: line of an SSE body is JSON (or [DONE])."""
+    lines = [line[6:] for line in raw.split(b"\n") if line.startswith(b"data: ")]
+    return bool(lines) and all(line == b"[DONE]" or json.loads(line) is not None for line in lines)
+
+
+@pytest.mark.parametrize("how", ["partial", "html"])
+@pytest.mark.parametrize("protocol", ["openai", "anthropic", "gemini"])
+async def test_a_stream_that_never_made_a_frame_fails_over_whole(
+    protocol: str, how: str, serve: Any, proxies: Any, fake_openai: Any, fake_anthropic: Any, fake_gemini: Any
+) -> None:
+    """The first target's stream ends inside its first frame (or is a web page): nothing of
+    it may reach the client, and the next target's answer arrives alone, as if the first had
+    refused; with no next target, a clean 502 in the client's protocol."""
+    bad = backends(await serve(misbehave))
+    good = {"openai": ("oa", fake_openai.base_url, "gpt-4o-mini"), "anthropic": ("an", fake_anthropic.base_url, "claude-sonnet-4-5"),
+            "gemini": ("gm", fake_gemini.base_url, "gemini-2.5-flash")}[protocol]
+    kind = bad[good[0]]["type"]
+    config = {"backends": {"bad": bad[good[0]], "good": {"type": kind, "base_url": good[1], "api_keys": [bad[good[0]]["api_keys"][0]]}},
+              "models": {"fo": {"targets": [f"bad:{how}", f"good:{good[2]}"]}, "alone": {"targets": [f"bad:{how}"]}}}
+    if protocol == "openai":
+        config["backends"]["good"]["api_keys"] = []
+    proxy = await proxies(config)
+    path, body = STREAMS[protocol]
+    status, _, raw = await post(proxy, path.replace("{m}", "fo"), json.loads(json.dumps(body).replace("{m}", "fo")))
+    assert status == 200 and frames_are_whole(raw), raw[:300]
+    assert b"chat.compl" not in raw.replace(b"chat.completion.chunk", b"") and b"sign in" not in raw
+    status, data, raw = await post(proxy, path.replace("{m}", "alone"), json.loads(json.dumps(body).replace("{m}", "alone")))
+    assert status == 502 and data is not None and "error" in data, raw[:300]
+    if how == "html":  # the page is named, so a wrong base_url is found at once
+        assert "web page" in raw.decode() and "Please sign in" in raw.decode()
