@@ -484,6 +484,49 @@ def test_a_tool_name_sent_in_pieces_is_joined(pieces: list[str], name: str, argu
         assert [e.kind for e in events][-2:] == [EventKind.BLOCK_STOP, EventKind.STOP]
 
 
+@st.composite
+def parallel_calls(draw: st.DrawFn) -> tuple[list[tuple[str, str]], list[bytes]]:
+    """Two to four calls announced in order (id and name first, as OpenAI does), whose
+    argument pieces then come interleaved in any order, each call's own in order."""
+    names = draw(st.lists(st.sampled_from(["shell", "read", "write", "list", "grep"]), min_size=2, max_size=4))
+    calls = [(name, orjson.dumps({"n": i, "arg": draw(st.text(max_size=12))}).decode()) for i, name in enumerate(names)]
+    pieces: list[list[str]] = []
+    for _, arguments in calls:
+        cuts = sorted(draw(st.lists(st.integers(1, max(1, len(arguments) - 1)), max_size=4, unique=True)))
+        bounds = [0, *cuts, len(arguments)]
+        pieces.append([arguments[a:b] for a, b in zip(bounds, bounds[1:]) if arguments[a:b]])
+    frames = [_tool_chunk({"index": i, "id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": ""}}) for i, (name, _) in enumerate(calls)]
+    queues = [list(p) for p in pieces]
+    while any(queues):
+        i = draw(st.sampled_from([i for i, q in enumerate(queues) if q]))
+        frames.append(_tool_chunk({"index": i, "function": {"arguments": queues[i].pop(0)}}))
+    return calls, frames + [_tool_chunk({}, finish="tool_calls"), b"data: [DONE]\n\n"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(parallel_calls())
+def test_parallel_calls_come_out_one_after_another_in_the_order_announced(case: tuple[list[tuple[str, str]], list[bytes]]) -> None:
+    """Some servers interleave the argument pieces of parallel calls. Anthropic, Gemini and
+    Responses clients take calls one after the other (a block cannot reopen), so the decoder
+    gives each call's start and all its arguments before the next call's start, in the order
+    the calls were announced, with nothing lost."""
+    calls, frames = case
+    decoder = ChatStreamDecoder()
+    events = [event for frame in frames for event in decoder.feed(frame)] + decoder.close()
+    order: list[int] = []
+    arguments: dict[int, str] = {}
+    for event in events:
+        if event.kind == EventKind.TOOL_CALL_START:
+            order.append(event.index)
+            arguments[event.index] = ""
+        elif event.kind == EventKind.TOOL_CALL_DELTA:
+            assert event.index == order[-1], "a delta for a call that is not the latest begun"
+            arguments[event.index] += event.text
+    starts = [(e.id, e.name) for e in events if e.kind == EventKind.TOOL_CALL_START]
+    assert starts == [(f"call_{i}", name) for i, (name, _) in enumerate(calls)]
+    assert [arguments[i] for i in order] == [args for _, args in calls]
+
+
 def test_a_stream_of_nothing_but_done_is_an_error_not_an_empty_answer() -> None:
     decoder = ChatStreamDecoder()
     with pytest.raises(ProxyError, match="before sending any answer"):

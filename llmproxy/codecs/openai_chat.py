@@ -594,13 +594,21 @@ class ChatStreamDecoder(SSEStreamDecoder):
     (tests/test_stream_fast_paths.py).
     """
 
-    __slots__ = ("_started", "_blocks", "_naming", "_next_index", "_open", "_stop", "_usage", "_done", "_frame_head", "_frame_tail", "_learn")
+    __slots__ = ("_started", "_blocks", "_naming", "_next_index", "_open", "_stop", "_usage", "_done", "_frame_head", "_frame_tail", "_learn",
+                 "_current", "_current_args", "_held")
 
     def __init__(self) -> None:
         super().__init__()
         self._started = False
         self._blocks: dict[Any, int] = {}  # "text" | "thinking" | tool index -> canonical index
-        self._naming: dict[Any, list[Any]] = {}  # tool index -> [id, name so far], until its arguments begin
+        self._naming: dict[Any, list[Any]] = {}  # tool index -> [id, name so far], until the call begins
+        # Parallel calls go out one after the other, in the order they were announced, as
+        # Anthropic's, Gemini's and Responses' clients need them: the call whose arguments
+        # are being sent, its arguments so far, and the arguments of later calls held until
+        # it is done (some servers interleave the calls' argument pieces).
+        self._current: Any = None
+        self._current_args: list[str] = []
+        self._held: dict[Any, list[str]] = {}
         self._next_index = 0
         self._open: list[int] = []
         self._stop: str | None = None
@@ -751,12 +759,47 @@ class ChatStreamDecoder(SSEStreamDecoder):
         self._frame_head = b""
 
     def _begin_call(self, key: Any, events: list[StreamEvent]) -> int:
+        """Begin the call ``key`` (it becomes the current one) and pass on what it held."""
         call_id, name = self._naming.pop(key)
-        return self._block(key, events, EventKind.TOOL_CALL_START, id=call_id or _call_id(), name=name)
+        index = self._block(key, events, EventKind.TOOL_CALL_START, id=call_id or _call_id(), name=name)
+        self._current, self._current_args = key, []
+        held = self._held.pop(key, None)
+        if held:
+            text = "".join(held)
+            events.append(StreamEvent(EventKind.TOOL_CALL_DELTA, index=index, text=text))
+            self._current_args.append(text)
+        return index
+
+    def _current_done(self) -> bool:
+        """Whether the current call (if any) has sent arguments that are a whole JSON value."""
+        if self._current is None:
+            return True
+        try:
+            loads("".join(self._current_args))
+        except ValueError:
+            return False
+        return True
+
+    def _may_begin(self, key: Any, events: list[StreamEvent]) -> bool:
+        """Arguments came for ``key``, a call not begun: begin the first call announced, if
+        the current one is done. True if that is ``key`` (its arguments may go out now)."""
+        if not self._current_done():
+            return False
+        return self._begin_first(events) == key
+
+    def _begin_first(self, events: list[StreamEvent]) -> Any:
+        key = next(iter(self._naming))
+        self._begin_call(key, events)
+        return key
+
+    def _promote(self, events: list[StreamEvent]) -> None:
+        """While calls wait and the current one is done, the next announced begins."""
+        while self._held and self._current_done():
+            self._begin_first(events)
 
     def _close_blocks(self, events: list[StreamEvent]) -> None:
-        for key in list(self._naming):  # calls that never sent arguments begin (and end) now
-            self._begin_call(key, events)
+        while self._naming:  # calls not begun (no arguments, or held) begin now, in order
+            self._begin_first(events)
         for index in self._open:
             events.append(StreamEvent(EventKind.BLOCK_STOP, index=index))
         self._open = []
@@ -849,9 +892,17 @@ class ChatStreamDecoder(SSEStreamDecoder):
                         naming[1] += piece
                     if not arguments:
                         continue
-                    index = self._begin_call(key, events)
+                    if key in self._held or not self._may_begin(key, events):
+                        self._held.setdefault(key, []).append(arguments)
+                        self._promote(events)  # (a call begun just now may be done already)
+                        continue
+                    index = self._blocks[key]
                 if arguments:
                     events.append(StreamEvent(EventKind.TOOL_CALL_DELTA, index=index, text=arguments))
+                    if key == self._current:
+                        self._current_args.append(arguments)
+                        if self._held:
+                            self._promote(events)
             finish = choice.get("finish_reason")
             if finish:
                 self._stop = FINISH_TO_STOP.get(finish, "end_turn")

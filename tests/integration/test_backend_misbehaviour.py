@@ -1,5 +1,6 @@
 """Backends that answer what their API never would — a redirect, a page of HTML, a stream cut
-inside its first frame, a 200 holding an error — and what each client sees, over real sockets.
+inside its first frame — or as few servers do (parallel tool calls with their argument
+pieces interleaved), and what each client sees, over real sockets.
 
 The backends here are small aiohttp servers written for each case (the protocol fakes in
 tests/fakes answer like the real APIs, which is not the point here).
@@ -7,7 +8,6 @@ tests/fakes answer like the real APIs, which is not the point here).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -165,3 +165,44 @@ async def test_a_stream_that_never_made_a_frame_fails_over_whole(
     assert status == 502 and data is not None and "error" in data, raw[:300]
     if how == "html":  # the page is named, so a wrong base_url is found at once
         assert "web page" in raw.decode() and "Please sign in" in raw.decode()
+
+
+def chat_chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+CALLS = [("call_A", "Bash", '{"command":"mkdir x"}'), ("call_B", "Write", '{"path":"x/y","content":"hi"}')]
+
+
+async def interleaving(request: web.Request) -> web.StreamResponse:
+    """Two parallel calls announced in order, then their arguments one character at a time,
+    the second call's first."""
+    await request.read()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    frames = [chat_chunk({"role": "assistant", "content": None})]
+    frames += [chat_chunk({"tool_calls": [{"index": i, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}]})
+               for i, (call_id, name, _) in enumerate(CALLS)]
+    first, second = CALLS[0][2], CALLS[1][2]
+    for n in range(max(len(first), len(second))):
+        for i, arguments in ((1, second), (0, first)):
+            if n < len(arguments):
+                frames.append(chat_chunk({"tool_calls": [{"index": i, "function": {"arguments": arguments[n]}}]}))
+    frames += [chat_chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+    for frame in frames:
+        await response.write(frame)
+    await response.write_eof()
+    return response
+
+
+async def test_interleaved_parallel_calls_reach_an_anthropic_client_whole_and_in_order(serve: Any, proxies: Any) -> None:
+    import anthropic
+
+    proxy = await proxies({"backends": {"oa": {"type": "openai", "base_url": await serve(interleaving) + "/v1"}}, "default_backend": "oa"})
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="k", max_retries=0)
+    tools = [{"name": name, "input_schema": {"type": "object"}} for _, name, _ in CALLS]
+    async with client.messages.stream(model="m", max_tokens=100, tools=tools, messages=[{"role": "user", "content": "go"}]) as stream:
+        message = await stream.get_final_message()
+    assert [(b.id, b.name, b.input) for b in message.content if b.type == "tool_use"] == [(i, n, json.loads(a)) for i, n, a in CALLS]
+    assert message.stop_reason == "tool_use"
