@@ -9,6 +9,8 @@ traceback.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 from typing import Any
 
 # OpenAI's error "type" strings by status, reused as our canonical kinds.
@@ -84,3 +86,24 @@ class RetryStream(Exception):
 
 MAX_STREAM_RETRIES = 2
 """How many times one flow's stream may be asked for again (see :class:`RetryStream`)."""
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` value in seconds from now: delay-seconds or an HTTP date (RFC 9110);
+    None when absent or unreadable, 0 for a date in the past."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):  # nan, inf
+        return None
+    return max(seconds, 0.0)

@@ -21,10 +21,10 @@ from .canonical import EventKind, Response, ResponseBuilder, StreamEvent, respon
 from .codecs import get_codec
 from .codecs.base import Codec, complete_frames_end, dumps, loads
 from .context import CONTEXT, ProxyContext
-from .errors import MAX_STREAM_RETRIES, ProxyError, RetryStream
+from .errors import MAX_STREAM_RETRIES, ProxyError, RetryStream, retry_after_seconds
 from .flow import ClientHeaders, ClientInfo, Flow
 from .manager import call_chain, call_chain_logged
-from .providers import UpstreamReply, UpstreamStream, read_from, retry_after_seconds
+from .providers import UpstreamReply, UpstreamStream, read_from
 from .resilience import backoff_delay, cannot_serve, estimate_tokens, failure_kind, request_needs
 
 log = logging.getLogger("llmproxy.flow")

@@ -10,8 +10,6 @@ it must) or directly as canonical objects (for providers that do not speak HTTP)
 from __future__ import annotations
 
 import asyncio
-import datetime
-import email.utils
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ from .canonical import Response, StreamEvent
 from .codecs import get_codec
 from .codecs.base import dumps, loads
 from .config import BackendConfig
-from .errors import ProxyError
+from .errors import ProxyError, retry_after_seconds
 from .flow import Attempt, Flow, UpstreamRequest
 from .manager import call_chain
 from .redact import mask_literals
@@ -723,27 +721,6 @@ def _broken(error: ProxyError) -> ProxyError:
     """Mark a stream that failed after its headers (see ``BackendConfig.stream_fallback``)."""
     error.stream_broken = True  # type: ignore[attr-defined]
     return error
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """A ``Retry-After`` value in seconds from now: delay-seconds or an HTTP date (RFC 9110);
-    None when absent or unreadable, 0 for a date in the past."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=datetime.timezone.utc)
-        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):  # nan, inf
-        return None
-    return max(seconds, 0.0)
 
 
 def _kind_for(status: int) -> str:

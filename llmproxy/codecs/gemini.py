@@ -12,6 +12,7 @@ call. Schemas written with Gemini's upper-case OpenAPI types (``responseSchema``
 
 from __future__ import annotations
 
+import math
 import mimetypes
 import re
 import urllib.parse
@@ -34,7 +35,7 @@ from ..canonical import (
     ToolResultPart,
     Usage,
 )
-from ..errors import ProxyError, bad_request
+from ..errors import ProxyError, bad_request, retry_after_seconds
 from .base import SSEStreamDecoder, array, carried, dumps, loads, random_hex, sse_frame, string
 
 PROTOCOL = "gemini"
@@ -284,10 +285,11 @@ class GeminiCodec:
         # Anthropic's 529 (overloaded) is what Gemini calls 503 UNAVAILABLE.
         status = 503 if error.status == 529 else error.status
         body: dict[str, Any] = {"code": status, "message": error.message, "status": STATUS_NAMES.get(status, "UNKNOWN")}
-        retry_after = (error.headers or {}).get("Retry-After", "")
-        if retry_after.isdigit():
-            # Where Gemini clients (Gemini CLI) read how long to wait; the header alone they ignore.
-            body["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_after}s"}]
+        seconds = retry_after_seconds((error.headers or {}).get("Retry-After"))
+        if seconds is not None:
+            # Where Gemini clients (Gemini CLI) read how long to wait; the header alone they
+            # ignore. (Delay-seconds or an HTTP date, as the backend sent it.)
+            body["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{math.ceil(seconds)}s"}]
         return {"error": body}
 
     def error_event(self, error: ProxyError) -> bytes:

@@ -29,7 +29,7 @@ import openai
 import pytest
 
 from fakes.openai_upstream import FakeOpenAI
-from llmproxy.providers import retry_after_seconds
+from llmproxy.errors import retry_after_seconds
 from llmproxy.testing import RunningProxy, free_port, start_proxy
 
 BOUND = 10.0  # seconds: no test waits longer than this for anything

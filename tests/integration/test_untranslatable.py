@@ -8,6 +8,8 @@ Clients (aiohttp, real sockets) of each protocol → llmproxy → fake upstreams
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 from typing import Any, AsyncIterator
 
@@ -480,14 +482,25 @@ def test_a_temperature_thinking_refuses_goes_when_a_decoded_anthropic_request_th
     assert without["temperature"] == 0.2
 
 
-async def test_a_gemini_client_is_told_how_long_to_wait_where_it_looks(proxy: RunningProxy, fake_anthropic: FakeAnthropic) -> None:
-    fake_anthropic.script(status=429, message="rate limited", retry_after="20")
+@pytest.mark.parametrize("retry_after, delay", [("20", "20s"), ("1.5", "2s"), ("in-30-seconds", None), ("http-date", "about 60s")])
+async def test_a_gemini_client_is_told_how_long_to_wait_where_it_looks(
+    proxy: RunningProxy, fake_anthropic: FakeAnthropic, retry_after: str, delay: str | None
+) -> None:
+    if retry_after == "http-date":  # RFC 9110 allows a date too; whole seconds, rounded up
+        retry_after = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=60), usegmt=True)
+    fake_anthropic.script(status=429, message="rate limited", retry_after=retry_after)
     body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
     async with aiohttp.ClientSession() as http:
         async with http.post(proxy.url + "/v1beta/models/claude:claude-sonnet-4-5:generateContent", json=body) as response:
             answer = await response.json()
-            assert response.status == 429 and response.headers["Retry-After"] == "20"
-    assert answer["error"]["details"] == [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "20s"}]
+            assert response.status == 429 and response.headers["Retry-After"] == retry_after
+    if delay is None:
+        assert "details" not in answer["error"]
+    elif delay == "about 60s":  # a date has whole seconds, and a little time passed
+        (info,) = answer["error"]["details"]
+        assert info["@type"].endswith("RetryInfo") and 55 <= int(info["retryDelay"].removesuffix("s")) <= 60
+    else:
+        assert answer["error"]["details"] == [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}]
 
 
 BASH_TOOL = {"name": "Bash", "description": "Run a shell command", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}}
