@@ -612,6 +612,12 @@ class HTTPProvider(Provider):
         except ValueError:
             flow.attempts[-1].error = "malformed JSON"
             raise ProxyError(502, f"backend {self.name!r} sent a body that is not JSON", kind="upstream_unreachable") from None
+        data = reply.data
+        if isinstance(data, dict) and data.get("error") and not any(key in data for key in _ANSWER_KEYS):
+            # An error with status 200, as some gateways send one: a failed attempt (which
+            # may fail over), with the backend's message, not an answer missing its parts.
+            flow.attempts[-1].error = "an error with HTTP 200"
+            raise self.upstream_error(502, reply.body or b"")
         return reply
 
     async def _reply(self, response: aiohttp.ClientResponse, attempt: Attempt | None = None) -> UpstreamReply:
@@ -709,6 +715,10 @@ class HTTPProvider(Provider):
             response.close()
 
         return UpstreamStream(self.protocol, read=read, on_close=close)
+
+
+# What holds the answer in each protocol's response body (Chat, Responses, Anthropic, Gemini).
+_ANSWER_KEYS = ("choices", "output", "content", "candidates")
 
 
 def _network(error: ProxyError) -> ProxyError:

@@ -1,6 +1,6 @@
 """Backends that answer what their API never would — a redirect, a page of HTML, a stream cut
-inside its first frame — or as few servers do (parallel tool calls with their argument
-pieces interleaved), and what each client sees, over real sockets.
+inside its first frame, an error sent with 200 — or as few servers do (parallel tool calls
+with their argument pieces interleaved), and what each client sees, over real sockets.
 
 The backends here are small aiohttp servers written for each case (the protocol fakes in
 tests/fakes answer like the real APIs, which is not the point here).
@@ -206,3 +206,21 @@ async def test_interleaved_parallel_calls_reach_an_anthropic_client_whole_and_in
         message = await stream.get_final_message()
     assert [(b.id, b.name, b.input) for b in message.content if b.type == "tool_use"] == [(i, n, json.loads(a)) for i, n, a in CALLS]
     assert message.stop_reason == "tool_use"
+
+
+async def error_with_200(request: web.Request) -> web.Response:
+    await request.read()
+    return web.json_response({"error": {"message": "upstream says overloaded", "type": "server_error"}})
+
+
+@pytest.mark.parametrize("client", ["openai", "anthropic"], ids=["same-protocol", "translated"])
+async def test_an_error_sent_with_200_is_a_failed_attempt(client: str, serve: Any, proxies: Any, fake_openai: Any) -> None:
+    config = {"backends": {"bad": {"type": "openai", "base_url": await serve(error_with_200) + "/v1"},
+                           "good": {"type": "openai", "base_url": fake_openai.base_url}},
+              "models": {"fo": {"targets": ["bad:m", "good:gpt-4o-mini"]}, "alone": {"targets": ["bad:m"]}}}
+    proxy = await proxies(config)
+    path, extra = ("/v1/chat/completions", {}) if client == "openai" else ("/v1/messages", {"max_tokens": 50})
+    status, data, raw = await post(proxy, path, {"model": "fo", **CHAT, **extra})
+    assert status == 200 and ("choices" in data if client == "openai" else "content" in data), raw[:300]
+    status, data, raw = await post(proxy, path, {"model": "alone", **CHAT, **extra})
+    assert status == 502 and "upstream says overloaded" in data["error"]["message"], raw[:300]
