@@ -225,6 +225,28 @@ async def test_streams_open_and_inflight_while_a_stream_runs(start: Start, http:
     assert after.value("llmproxy_tokens_total") == 0
 
 
+async def test_a_stream_the_client_left_keeps_its_200_and_is_an_error_499(
+    start: Start, http: aiohttp.ClientSession, fake_openai: FakeOpenAI, second_fake: FakeOpenAI
+) -> None:
+    """requests_total counts the status the client was sent (the 200 of a stream begun),
+    errors_total the way it ended (499: the client went away)."""
+    fake_openai.script(event_delay=0.3)
+    proxy = await start(config(fake_openai, second_fake))
+    body = {"model": "gpt-4o-mini", "messages": HI, "stream": True}
+    async with http.post(proxy.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as response:
+        assert response.status == 200
+        await response.content.readline()
+        response.close()  # gone after the first frame
+    for _ in range(50):  # the proxy sees it at its next write
+        after = await scrape(http, proxy)
+        if after.value("llmproxy_requests_total"):
+            break
+        await asyncio.sleep(0.1)
+    assert after.value("llmproxy_requests_total", stream="true", status="200") == 1
+    assert after.value("llmproxy_errors_total", status="499") == 1
+    assert after.value("llmproxy_streams_open", frontend="openai_chat") == 0
+
+
 class History:
     """Reads every flow's answer at flow_done, as a history plugin does."""
 
