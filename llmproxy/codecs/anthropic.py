@@ -65,6 +65,7 @@ STOP_TO_WIRE = {
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    402: "billing_error",
     403: "permission_error",
     404: "not_found_error",
     413: "request_too_large",
@@ -72,6 +73,7 @@ ERROR_TYPES = {
     500: "api_error",
     529: "overloaded_error",
     503: "overloaded_error",
+    504: "timeout_error",
 }
 
 

@@ -487,3 +487,26 @@ async def test_a_stream_of_nothing_but_done_fails_over_and_alone_is_an_error(b: 
         assert response.status == 502 and body["type"] == "error" and "before sending any answer" in body["error"]["message"]
     finally:
         await runner.cleanup()
+
+
+async def test_a_timeout_reaches_an_anthropic_client_as_its_timeout_error(a: FakeOpenAI, http: aiohttp.ClientSession) -> None:
+    """Anthropic's own type for a 504 is ``timeout_error`` (its SDKs and agents tell it from
+    an ``api_error``); a Gemini client gets ``DEADLINE_EXCEEDED``."""
+    import llmproxy_anthropic
+    import llmproxy_gemini
+
+    a.script(delay=5)
+    plugins = [("openai", llmproxy_openai), ("anthropic", llmproxy_anthropic), ("gemini", llmproxy_gemini)]
+    proxy = await start_proxy({"proxy": {"drain_timeout": 0}, "backends": {"a": up(a, timeout={"read": 0.3})}, "default_backend": "a"},
+                              plugins=plugins, entry_points=False)
+    try:
+        body = {"model": "gpt-4o-mini", "max_tokens": 20, "messages": HI}
+        async with http.post(proxy.url + "/v1/messages", json=body) as response:
+            anthropic_error = (response.status, await response.json())
+        gemini = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+        async with http.post(proxy.url + "/v1beta/models/gpt-4o-mini:generateContent", json=gemini) as response:
+            gemini_error = (response.status, await response.json())
+    finally:
+        await proxy.stop()
+    assert anthropic_error[0] == 504 and anthropic_error[1]["error"]["type"] == "timeout_error"
+    assert gemini_error[0] == 504 and gemini_error[1]["error"]["status"] == "DEADLINE_EXCEEDED"
