@@ -634,15 +634,27 @@ class Writer:
             response = await self._begin()
             read = upstream.read
             assert read is not None
+            pending = b""
             while chunk := await read():
-                if self.flow.first_token_at is None:
-                    self.flow.first_token_at = time.monotonic()
-                if self.flow.sent is not None:
-                    self.flow.sent.append((time.monotonic(), chunk))
-                await response.write(chunk)
+                pending += chunk
+                # Whole frames only when there is a key to blank: one split between two
+                # reads would slip through.
+                end = complete_frames_end(pending) if upstream.secrets else len(pending)
+                if end:
+                    await self._forward(response, upstream.mask(pending[:end]))
+                    pending = pending[end:]
+            if pending:
+                await self._forward(response, upstream.mask(pending))
         finally:
             await upstream.close()
         await response.write_eof()
+
+    async def _forward(self, response: web.StreamResponse, data: bytes) -> None:
+        if self.flow.first_token_at is None:
+            self.flow.first_token_at = time.monotonic()
+        if self.flow.sent is not None:
+            self.flow.sent.append((time.monotonic(), data))
+        await response.write(data)
 
     async def stream_error(self, error: ProxyError) -> None:
         if self.encoder is not None:
@@ -683,12 +695,13 @@ class Writer:
             return
         assert upstream.read is not None
         if not processors and upstream.protocol == self.codec.protocol:
-            await self._passthrough(upstream.read, upstream.protocol)
+            await self._passthrough(upstream.read, upstream.protocol, upstream.mask if upstream.secrets else None)
             return
         await self.stream_events(upstream.read, processors, get_codec(upstream.protocol).stream_decoder())
 
-    async def _passthrough(self, read: Callable[[], Awaitable[bytes]], protocol: str) -> None:
-        """Same protocol, nobody watching the events: forward whole frames as they arrive."""
+    async def _passthrough(self, read: Callable[[], Awaitable[bytes]], protocol: str, mask: Callable[[bytes], bytes] | None = None) -> None:
+        """Same protocol, nobody watching the events: forward whole frames as they arrive
+        (through ``mask``, which blanks the backend's key should it quote it)."""
         flow = self.flow
         response = self.response if self.started else None  # begun: a retried stream; else at the first write
         received: list[bytes] = []
@@ -701,11 +714,12 @@ class Writer:
             if end:
                 if flow.first_token_at is None:
                     flow.first_token_at = time.monotonic()
+                frames = pending[:end] if mask is None else mask(pending[:end])
                 if sent is not None:
-                    sent.append((time.monotonic(), pending[:end]))
+                    sent.append((time.monotonic(), frames))
                 if response is None:
                     response = await self._begin()
-                await response.write(pending[:end])
+                await response.write(frames)
                 pending = pending[end:]
         tail = b"".join(chunk[-80:] for chunk in received[-2:])[-80:]
         model = flow.model  # the closure must not hold the flow: a cycle keeps streams alive
@@ -718,6 +732,8 @@ class Writer:
             response = await self._begin()
         if pending.strip():
             tail_frame = pending if pending.endswith(b"\n\n") else pending + b"\n\n"
+            if mask is not None:
+                tail_frame = mask(tail_frame)
             if sent is not None:
                 sent.append((time.monotonic(), tail_frame))
             await response.write(tail_frame)

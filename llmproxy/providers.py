@@ -80,12 +80,23 @@ class UpstreamStream:
         on_close: Any = None,
         whole: bytes | None = None,
         read: Callable[[], Awaitable[bytes]] | None = None,
+        secrets: tuple[bytes, ...] = (),
     ) -> None:
         self.protocol = protocol
         self.read = read if read is not None or chunks is None else read_from(chunks)
         self.batches = batches
         self.whole = whole  # the backend ignored "stream" and sent one complete body
+        # The credentials the backend was asked with: some servers quote the key they got in
+        # an error event, and what the pipeline forwards unparsed must not carry it on.
+        self.secrets = secrets
         self._on_close = on_close
+
+    def mask(self, data: bytes) -> bytes:
+        """``data`` (whole frames) with :attr:`secrets` blanked out."""
+        for secret in self.secrets:
+            if secret in data:
+                data = data.replace(secret, b"[backend key]")
+        return data
 
     def also_on_close(self, callback: Any) -> None:
         """Run ``callback()`` (plain, not a coroutine) when the stream is closed, after what
@@ -714,7 +725,8 @@ class HTTPProvider(Provider):
             # close(), not release(): dropping the connection is what tells the backend to stop.
             response.close()
 
-        return UpstreamStream(self.protocol, read=read, on_close=close)
+        secrets = tuple(value.encode() for value in (ref.get() for ref in self.settings.api_keys) if value)
+        return UpstreamStream(self.protocol, read=read, on_close=close, secrets=secrets)
 
 
 # What holds the answer in each protocol's response body (Chat, Responses, Anthropic, Gemini).

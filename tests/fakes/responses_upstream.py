@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -118,7 +119,8 @@ class FakeResponses(FakeUpstream):
         if not stream:
             return self.send_json(received, response)
         # A failure mid-stream belongs to the same response (clients check the id).
-        failed = self.stream_error_frame(behaviour, behaviour.error_after or 0, response) if behaviour.error_after is not None else None
+        echoing = replace(behaviour, message=behaviour.message.replace("{key}", received.key or ""))  # as the other fakes do
+        failed = self.stream_error_frame(echoing, behaviour.error_after or 0, response) if behaviour.error_after is not None else None
         return await self.send_stream(request, received, behaviour, list(self._events(response)), error_frame=failed)
 
     def error_body(self, status: int, message: str, error_type: str | None, code: str | None, retry_after: str | None) -> Any:

@@ -1,6 +1,7 @@
 """Backends that answer what their API never would — a redirect, a page of HTML, a stream cut
 inside its first frame, an error sent with 200 — or as few servers do (parallel tool calls
-with their argument pieces interleaved), and what each client sees, over real sockets.
+with their argument pieces interleaved, the key they were sent quoted in an error event), and
+what each client sees, over real sockets.
 
 The backends here are small aiohttp servers written for each case (the protocol fakes in
 tests/fakes answer like the real APIs, which is not the point here).
@@ -8,6 +9,7 @@ tests/fakes answer like the real APIs, which is not the point here).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -75,8 +77,15 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
 async def post(proxy: RunningProxy, path: str, body: dict[str, Any]) -> tuple[int, Any, bytes]:
+    """Status, JSON body (or None) and raw body; a stream cut after its error event (as
+    Gemini's is) gives what came before the cut."""
     async with aiohttp.ClientSession() as http, http.post(proxy.url + path, json=body) as response:
-        raw = await response.read()
+        raw = b""
+        try:
+            async for piece in response.content.iter_any():
+                raw += piece
+        except aiohttp.ClientPayloadError:
+            pass
         try:
             data = json.loads(raw)
         except ValueError:
@@ -224,3 +233,47 @@ async def test_an_error_sent_with_200_is_a_failed_attempt(client: str, serve: An
     assert status == 200 and ("choices" in data if client == "openai" else "content" in data), raw[:300]
     status, data, raw = await post(proxy, path, {"model": "alone", **CHAT, **extra})
     assert status == 502 and "upstream says overloaded" in data["error"]["message"], raw[:300]
+
+
+FORWARDED = {  # client protocol: (backend type, model, path, body) — the same protocol on both sides, forwarded unparsed
+    "chat": ("openai", "gpt-4o-mini", "/v1/chat/completions", {"stream": True, **CHAT}),
+    "responses": ("openai-responses", "gpt-5", "/v1/responses", {"stream": True, "input": "hi"}),
+    "anthropic": ("anthropic", "claude-sonnet-4-5", "/v1/messages", {"stream": True, "max_tokens": 64, **CHAT}),
+    "gemini": ("gemini", "gemini-2.5-flash", "/v1beta/models/{m}:streamGenerateContent?alt=sse", {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}),
+}
+
+
+@pytest.mark.parametrize("protocol", list(FORWARDED))
+async def test_a_key_the_backend_quotes_mid_stream_never_reaches_the_client(
+    protocol: str, proxies: Any, fake_openai: Any, fake_responses: Any, fake_anthropic: Any, fake_gemini: Any
+) -> None:
+    """Some servers quote the credential they were sent in an error (OpenAI does in a 401).
+    Forwarded streams are not parsed, so their frames are searched for the key instead."""
+    kind, model, path, body = FORWARDED[protocol]
+    fake = {"chat": fake_openai, "responses": fake_responses, "anthropic": fake_anthropic, "gemini": fake_gemini}[protocol]
+    fake.script(error_after=2, message="stream broke for key {key}")
+    proxy = await proxies({"backends": {"up": {"type": kind, "base_url": fake.base_url, "api_keys": ["${AN_KEY}"]}}})
+    path = path.replace("{m}", f"up:{model}")
+    status, _, raw = await post(proxy, path, body if protocol == "gemini" else {**body, "model": f"up:{model}"})
+    assert status == 200 and fake.last.key == KEYS["AN_KEY"]  # the backend had it, and quoted it
+    assert KEYS["AN_KEY"].encode() not in raw and b"stream broke for key [backend key]" in raw, raw[-400:]
+
+
+async def legacy_stream_quoting_the_key(request: web.Request) -> web.StreamResponse:
+    key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    await request.read()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    frame = b'data: {"error": {"message": "key ' + key.encode() + b' is out of credit"}}\n\n'
+    for piece in (frame[:20], frame[20:31], frame[31:]):  # the key split between reads
+        await response.write(piece)
+        await asyncio.sleep(0.02)
+    await response.write_eof()
+    return response
+
+
+async def test_a_key_quoted_in_a_forwarded_legacy_stream_is_blanked_too(serve: Any, proxies: Any) -> None:
+    proxy = await proxies({"backends": {"oa": {"type": "openai", "base_url": await serve(legacy_stream_quoting_the_key) + "/v1", "api_keys": ["${OA_KEY}"]}},
+                           "default_backend": "oa"})
+    status, _, raw = await post(proxy, "/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "stream": True})
+    assert status == 200 and KEYS["OA_KEY"].encode() not in raw and b"key [backend key] is out of credit" in raw, raw
