@@ -42,7 +42,9 @@ class OpenAIProvider(HTTPProvider):
 
     def body(self, flow: Flow, target: Any, stream: bool, passthrough: bool) -> dict[str, Any]:
         body = super().body(flow, target, stream, passthrough)
-        if flow.frontend != self.protocol and "max_tokens" in body and self.max_tokens_field != "max_tokens":
+        # A Chat client's own max_tokens stays as it sent it (it knows its model); a limit it
+        # did not send (another protocol's, a plugin's !/set) goes in this backend's field.
+        if "max_tokens" in body and self.max_tokens_field != "max_tokens" and (flow.frontend != self.protocol or "max_tokens" not in flow.raw_request):
             body[self.max_tokens_field] = body.pop("max_tokens")
         if passthrough and flow.frontend == self.protocol and flow.request_decoded:
             # The re-encoded request asks for the usage chunk (llmproxy wants the counts), but
