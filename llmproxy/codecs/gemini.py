@@ -391,7 +391,14 @@ def _encode_config(request: Request, model: str, config: dict[str, Any], same: b
         if reasoning.get("budget_tokens"):
             thinking["thinkingBudget"] = int(reasoning["budget_tokens"])
         elif "gemini-2" in model:
-            thinking["thinkingBudget"] = BUDGET_FROM_EFFORT.get(str(reasoning["effort"]), 8192)
+            budget = BUDGET_FROM_EFFORT.get(str(reasoning["effort"]), 8192)
+            limit = config.get("maxOutputTokens")
+            if isinstance(limit, int) and limit > 0:
+                # maxOutputTokens caps thinking and answer together (as max_tokens does for
+                # OpenAI and Anthropic clients): an effort's budget takes at most half of the
+                # client's limit, so the answer is not starved by the thinking.
+                budget = min(budget, max(limit // 2, 128))
+            thinking["thinkingBudget"] = budget
         else:
             thinking["thinkingLevel"] = LEVEL_FROM_EFFORT.get(str(reasoning["effort"]), "HIGH")
         config["thinkingConfig"] = thinking

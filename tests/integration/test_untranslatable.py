@@ -546,3 +546,15 @@ async def test_an_anthropic_clients_own_signed_tool_turn_goes_out_as_it_came(pro
     assert status == 200, answer
     sent = fake_anthropic.last.json
     assert sent["thinking"] == body["thinking"] and sent["messages"][1]["content"] == turn["content"]
+
+
+@pytest.mark.parametrize("limit, budget", [(None, 24576), (4000, 2000), (100, 128)])
+async def test_an_effort_leaves_the_answer_room_in_geminis_output_limit(proxy: RunningProxy, fake_gemini: FakeGemini, limit: int | None, budget: int) -> None:
+    """Gemini counts thinking against maxOutputTokens: a budget made from an effort takes
+    at most half of a limit the client set (at least Gemini's minimum of 128)."""
+    body = {"model": "gem:gemini-2.5-flash", "reasoning_effort": "high", "messages": [{"role": "user", "content": "hi"}]}
+    if limit is not None:
+        body["max_completion_tokens"] = limit
+    assert (await post(proxy, "/v1/chat/completions", body))[0] == 200
+    config = fake_gemini.last.json["generationConfig"]
+    assert config["thinkingConfig"]["thinkingBudget"] == budget and config.get("maxOutputTokens") == limit
