@@ -862,7 +862,13 @@ def openai_embeddings_from_gemini(body: dict[str, Any], model: str, batch: bool)
         parts = array(content.get("parts"), "content.parts")
         texts.append("".join(string(p.get("text", ""), "content.parts.text") for p in parts if isinstance(p, dict)))
     out: dict[str, Any] = {"model": model, "input": texts}
-    dimensions = requests[0].get("outputDimensionality") if requests and isinstance(requests[0], dict) else None
+    # One OpenAI call carries one setting for the whole batch: requests asking for different
+    # sizes cannot share it (and are refused rather than given the first one's).
+    sizes = {entry.get("outputDimensionality") for entry in requests if isinstance(entry, dict)}
+    if len(sizes) > 1:
+        raise bad_request(f"the requests ask for different outputDimensionality ({', '.join(map(str, sorted(sizes, key=str)))}): "
+                          "llmproxy sends a batch to this backend as one call, so send one batch per size", "requests")
+    dimensions = sizes.pop() if sizes else None
     if dimensions:
         out["dimensions"] = dimensions
     return out

@@ -203,6 +203,26 @@ async def test_gemini_clients_embed_through_any_embedding_backend(fake_gemini, f
         await proxy.stop()
 
 
+async def test_a_batch_of_mixed_embedding_sizes_is_refused_not_given_the_first_size(fake_openai, monkeypatch):
+    """One OpenAI embeddings call has one ``dimensions``: a Gemini batch asking for two
+    sizes cannot be one call, and each request must get the size it asked for."""
+    proxy = await _proxy({"up": {"type": "openai", "base_url": fake_openai.base_url}}, "up", monkeypatch)
+    entry = {"model": "models/text-embedding-3-small", "content": {"parts": [{"text": "hello"}]}}
+    try:
+        async with aiohttp.ClientSession() as http:
+            same = {"requests": [{**entry, "outputDimensionality": 64}, {**entry, "outputDimensionality": 64}]}
+            async with http.post(proxy.url + "/v1beta/models/text-embedding-3-small:batchEmbedContents", json=same) as response:
+                assert response.status == 200 and fake_openai.last.json["dimensions"] == 64
+            mixed = {"requests": [{**entry, "outputDimensionality": 64}, entry]}
+            calls = len(fake_openai.requests)
+            async with http.post(proxy.url + "/v1beta/models/text-embedding-3-small:batchEmbedContents", json=mixed) as response:
+                error = await response.json()
+                assert response.status == 400 and "outputDimensionality" in error["error"]["message"]
+            assert len(fake_openai.requests) == calls
+    finally:
+        await proxy.stop()
+
+
 async def test_count_tokens_runs_the_request_chain(fake_anthropic, monkeypatch):
     """A plugin that blocks a prompt blocks it from being counted too (fail closed)."""
     import anthropic
