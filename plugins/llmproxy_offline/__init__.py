@@ -68,8 +68,12 @@ class OfflineProvider(Provider):
         if reply.tool_call is not None:
             from llmproxy.codecs.base import dumps
 
-            parts.append(ToolCallPart(id=f"call_{uuid.uuid4().hex[:12]}", name=reply.tool_call.name, arguments=dumps(reply.tool_call.arguments).decode()))
-            stop = "tool_use"
+            name, arguments = reply.tool_call.name, dumps(reply.tool_call.arguments).decode()
+            if any(tool.name == name for tool in request.tools):
+                parts.append(ToolCallPart(id=f"call_{uuid.uuid4().hex[:12]}", name=name, arguments=arguments))
+                stop = "tool_use"
+            else:  # a call to a tool the request does not offer would break a strict client
+                parts.append(TextPart(f"(scripted call to {name}, which this request does not offer: {arguments})"))
         text_in = "".join(m.text for m in request.messages) + "".join(p.text for p in request.system)
         usage = Usage(input_tokens=_tokens(text_in), output_tokens=sum(_tokens(getattr(p, "text", "")) for p in parts))
         return Response(model=model, parts=parts, stop_reason=stop, usage=usage, id=f"offline-{uuid.uuid4().hex[:12]}")
