@@ -280,7 +280,7 @@ def route_group() -> None:
 @click.option("--file", "-f", "request_file", type=click.File("r"), required=True, help="A request body, as a client would send it (JSON; - for stdin).")
 @click.option("--protocol", type=click.Choice(["auto", "openai_chat", "openai_responses", "anthropic", "gemini"]), default="auto", show_default=True,
               help="The body's wire protocol (auto: guessed from its fields).")
-@click.option("--model", help="The model, when the body has none (Gemini puts it in the URL).")
+@click.option("--model", help="The model to route, instead of the body's (needed for a Gemini body, which has none: Gemini puts it in the URL).")
 @click.option("--url", help="Ask a running llmproxy (its live breakers, rate windows and key rests) through its admin API instead of reading the config.")
 @click.option("--admin-key", envvar="LLMPROXY_ADMIN_KEY", help="The admin key for --url (or LLMPROXY_ADMIN_KEY).")
 @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help="Config file (default: --config of llmproxy).")

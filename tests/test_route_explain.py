@@ -62,6 +62,9 @@ def test_explain_json_and_an_unroutable_model(tmp_path: Path) -> None:
     assert done.returncode == 1
     report = json.loads(done.stdout)
     assert report["protocol"] == "anthropic" and report["first"] is None and "does not exist here" in report["error"]
+    # --model routes another model than the body's (and gives a Gemini body, which has none, one)
+    done = run_cli("route", "explain", "--config", str(config), "--file", str(request), "--model", "coding", "--json", env=env())
+    assert done.returncode == 0 and json.loads(done.stdout)["model"] == "coding", done.stdout
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     done = run_cli("--config", str(config), "route", "explain", "--file", str(broken), env=env())
