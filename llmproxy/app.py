@@ -168,7 +168,8 @@ def client_keys(config: Config) -> list[tuple[str, bytes]]:
     for i, entry in enumerate(config.auth.api_keys):
         value = entry.key.get()
         if not value:
-            problems.append(f"auth.api_keys[{i}] ({entry.name}): {entry.key.describe()} is not set")
+            path = f"auth.api_keys[{i}]"
+            problems.append(f"{config.where(path + '.key') or config.where(path)}{path} ({entry.name}): {entry.key.describe()} is not set")
         else:
             keys.append((entry.name, value.encode()))
     if problems:

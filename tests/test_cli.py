@@ -378,7 +378,7 @@ async def test_non_loopback_bind_with_keys_starts_and_requires_them(tmp_path: Pa
     # The keys must resolve: a configured key whose variable is unset stops start-up.
     result = run_cli("--config", str(config), "--host", "0.0.0.0", "--port", "0")
     assert result.returncode == 2
-    assert "auth.api_keys[0] (laptop): environment variable LLMPROXY_TEST_CLIENT_KEY is not set" in result.stderr
+    assert "line 2: auth.api_keys[0] (laptop): environment variable LLMPROXY_TEST_CLIENT_KEY is not set" in result.stderr
 
 
 # -- plugins -----------------------------------------------------------------------------------
