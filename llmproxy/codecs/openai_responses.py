@@ -249,28 +249,11 @@ class OpenAIResponsesCodec:
         for key in ("temperature", "top_p", "user"):
             if key in params:
                 body[key] = params[key]
-        tools = []
-        for tool in request.tools:
-            if same and tool.extra.get("_additional"):
-                continue  # in its additional_tools item, above
-            entry: dict[str, Any] = {"type": "function", "name": tool.name}
-            if tool.description is not None:
-                entry["description"] = tool.description
-            entry["parameters"] = tool.parameters
-            if tool.strict is not None or not same:
-                # The Responses API makes functions strict unless told otherwise.
-                entry["strict"] = bool(tool.strict)
-            if same:
-                entry.update(public_extra(tool.extra))
-            tools.append(entry)
-        if same:
-            for position, tool in request.extra.get("_other_tools", ()):
-                tools.insert(position, tool)
+        tools = _encode_tools(request, same)
         if tools:
             body["tools"] = tools
         if request.tool_choice is not None:
-            choice = request.tool_choice
-            body["tool_choice"] = choice if choice in ("auto", "none", "required") else {"type": "function", "name": choice}
+            body["tool_choice"] = _encode_tool_choice(request.tool_choice)
         if request.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = request.parallel_tool_calls
         reasoning = request.reasoning or {}
@@ -566,6 +549,31 @@ def _message_item(item_id: str, text: str, status: str = "completed") -> dict[st
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
 
 
+def _encode_tools(request: Request, same: bool) -> list[dict[str, Any]]:
+    tools = []
+    for tool in request.tools:
+        if same and tool.extra.get("_additional"):
+            continue  # in its additional_tools item
+        entry: dict[str, Any] = {"type": "function", "name": tool.name}
+        if tool.description is not None:
+            entry["description"] = tool.description
+        entry["parameters"] = tool.parameters
+        if tool.strict is not None or not same:
+            # The Responses API makes functions strict unless told otherwise.
+            entry["strict"] = bool(tool.strict)
+        if same:
+            entry.update(public_extra(tool.extra))
+        tools.append(entry)
+    if same:
+        for position, tool in request.extra.get("_other_tools", ()):
+            tools.insert(position, tool)
+    return tools
+
+
+def _encode_tool_choice(choice: str) -> Any:
+    return choice if choice in ("auto", "none", "required") else {"type": "function", "name": choice}
+
+
 def _response_object(response_id: str | None, model: str, status: str, output: list[dict[str, Any]], usage: Usage | None, request: Request | None,
                      reason: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
@@ -583,9 +591,21 @@ def _response_object(response_id: str | None, model: str, status: str, output: l
         "usage": encode_usage(usage) if usage is not None else None,
     }
     if request is not None and request.protocol == PROTOCOL:
+        # The settings the answer was made with, echoed as the API does, whichever backend
+        # served it (SDK users read response.tools, response.instructions …).
         body["store"] = request.extra.get("store", False)
         if request.metadata:
             body["metadata"] = request.metadata
+        body["tools"] = _encode_tools(request, True)
+        if request.tool_choice is not None:
+            body["tool_choice"] = _encode_tool_choice(request.tool_choice)
+        if request.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = request.parallel_tool_calls
+        instructions = [part.text for part in request.system if part.extra.get("_instructions")]
+        body["instructions"] = "\n\n".join(instructions) if instructions else None
+        for key, wire in (("temperature", "temperature"), ("top_p", "top_p"), ("max_tokens", "max_output_tokens")):
+            if key in request.params:
+                body[wire] = request.params[key]
     return body
 
 

@@ -558,3 +558,26 @@ async def test_an_effort_leaves_the_answer_room_in_geminis_output_limit(proxy: R
     assert (await post(proxy, "/v1/chat/completions", body))[0] == 200
     config = fake_gemini.last.json["generationConfig"]
     assert config["thinkingConfig"]["thinkingBudget"] == budget and config.get("maxOutputTokens") == limit
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_translated_responses_answer_echoes_the_requests_settings(proxy: RunningProxy, fake_anthropic: FakeAnthropic, stream: bool) -> None:
+    """The Responses API echoes what the answer was made with (tools, tool_choice,
+    parallel_tool_calls, instructions …) in the response object; so does llmproxy when
+    another backend served it."""
+    tool = {"type": "function", "name": "shell", "description": "Run a command", "parameters": {"type": "object", "properties": {}}, "strict": False}
+    body = {"model": "claude:claude-sonnet-4-5", "instructions": "You are Codex.", "input": "hi", "tools": [tool], "tool_choice": "auto",
+            "parallel_tool_calls": False, "temperature": 0.3, "max_output_tokens": 500, "stream": stream}
+    fake_anthropic.script(raw_text=True)
+    async with aiohttp.ClientSession() as http, http.post(proxy.url + "/v1/responses", json=body) as response:
+        assert response.status == 200
+        raw = await response.text()
+    if stream:
+        events = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: ")]
+        answers = [e["response"] for e in events if e["type"] in ("response.created", "response.completed")]
+        assert len(answers) == 2
+    else:
+        answers = [json.loads(raw)]
+    for answer in answers:
+        assert answer["tools"] == [tool] and answer["tool_choice"] == "auto" and answer["parallel_tool_calls"] is False
+        assert answer["instructions"] == "You are Codex." and answer["temperature"] == 0.3 and answer["max_output_tokens"] == 500
