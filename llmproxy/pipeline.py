@@ -681,7 +681,6 @@ class Writer:
             await response.write_eof()
 
     async def relay(self, upstream: UpstreamStream, processors: list[Any]) -> None:
-        flow = self.flow
         if upstream.whole is not None:
             codec = get_codec(upstream.protocol)
             try:
@@ -695,13 +694,16 @@ class Writer:
             return
         assert upstream.read is not None
         if not processors and upstream.protocol == self.codec.protocol:
-            await self._passthrough(upstream.read, upstream.protocol, upstream.mask if upstream.secrets else None)
+            await self._passthrough(upstream)
             return
         await self.stream_events(upstream.read, processors, get_codec(upstream.protocol).stream_decoder())
 
-    async def _passthrough(self, read: Callable[[], Awaitable[bytes]], protocol: str, mask: Callable[[bytes], bytes] | None = None) -> None:
+    async def _passthrough(self, upstream: UpstreamStream) -> None:
         """Same protocol, nobody watching the events: forward whole frames as they arrive
-        (through ``mask``, which blanks the backend's key should it quote it)."""
+        (with the backend's key blanked, should it quote it)."""
+        read, protocol = upstream.read, upstream.protocol
+        assert read is not None
+        mask = upstream.mask if upstream.secrets else None
         flow = self.flow
         response = self.response if self.started else None  # begun: a retried stream; else at the first write
         received: list[bytes] = []

@@ -95,7 +95,7 @@ class UpstreamStream:
         """``data`` (whole frames) with :attr:`secrets` blanked out."""
         for secret in self.secrets:
             if secret in data:
-                data = data.replace(secret, b"[backend key]")
+                data = data.replace(secret, _KEY_LABEL.encode())
         return data
 
     def also_on_close(self, callback: Any) -> None:
@@ -512,7 +512,11 @@ class HTTPProvider(Provider):
     def redact(self, text: str) -> str:
         """``text`` with this backend's keys blanked out: some servers echo the credential
         they were sent in their error messages, which go to the client and the log."""
-        return mask_literals(text, (ref.get() for ref in self.settings.api_keys), "[backend key]")
+        return mask_literals(text, self.key_values(), _KEY_LABEL)
+
+    def key_values(self) -> list[str]:
+        """This backend's keys, resolved now (unset ones left out): what never leaves llmproxy."""
+        return [value for value in (ref.get() for ref in self.settings.api_keys) if value]
 
     # -- the exchange ----------------------------------------------------------------------
     async def _send(
@@ -725,10 +729,10 @@ class HTTPProvider(Provider):
             # close(), not release(): dropping the connection is what tells the backend to stop.
             response.close()
 
-        secrets = tuple(value.encode() for value in (ref.get() for ref in self.settings.api_keys) if value)
-        return UpstreamStream(self.protocol, read=read, on_close=close, secrets=secrets)
+        return UpstreamStream(self.protocol, read=read, on_close=close, secrets=tuple(value.encode() for value in self.key_values()))
 
 
+_KEY_LABEL = "[backend key]"  # what stands where a backend quoted its key
 # What holds the answer in each protocol's response body (Chat, Responses, Anthropic, Gemini).
 _ANSWER_KEYS = ("choices", "output", "content", "candidates")
 

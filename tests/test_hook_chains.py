@@ -141,20 +141,10 @@ StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 
 @pytest.fixture
-async def proxy() -> AsyncIterator[StartProxy]:
+def proxy(proxies: Any) -> StartProxy:
     """``await proxy(config, (name, plugin), ...)``: llmproxy with the built-in providers and
     these plugins, registered in this order; stopped after the test."""
-    started: list[RunningProxy] = []
-
-    async def start(config: dict[str, Any], *plugins: tuple[str, Any]) -> RunningProxy:
-        builtins = [("offline", llmproxy_offline), ("openai", llmproxy_openai)]
-        running = await start_proxy(config, plugins=builtins + list(plugins), entry_points=False)
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        await running.stop()
+    return lambda config, *plugins: proxies(config, [("offline", llmproxy_offline), ("openai", llmproxy_openai), *plugins])
 
 
 @pytest.fixture

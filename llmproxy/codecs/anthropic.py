@@ -225,15 +225,14 @@ class AnthropicCodec:
         reasoning = request.reasoning or {}
         wants_thinking = reasoning.get("budget_tokens") or (reasoning.get("effort") and reasoning.get("effort") not in ("none",))
         own = request.extra.get("_thinking") if same else None
+        if isinstance(own, dict) and own.get("type") == "enabled" and _unsigned_tool_turn(body["messages"]):
+            # An Anthropic client's own thinking, but its last tool turn came from a backend
+            # of another family (a failover, !/oneoff), whose unsigned thinking was left out
+            # above: the rule below for other clients' tool turns holds for it too. (Adaptive
+            # thinking may skip a turn's thinking, so it takes such turns as they are.)
+            own = None
         thinking_on = isinstance(own, dict) and own.get("type") in ("enabled", "adaptive")
-        if own is not None and own.get("type") == "enabled" and _unsigned_tool_turn(body["messages"]):
-            # The client's own thinking, but its last tool turn came from a backend of another
-            # family (a failover, !/oneoff): that turn's thinking, unsigned by Anthropic, was
-            # left out above, and enabled thinking refuses a tool turn without it. This one
-            # request goes without thinking, as the API's error advises (adaptive thinking
-            # may skip a turn's thinking, so it takes such turns as they are).
-            pass
-        elif own is not None:
+        if own is not None:
             body["thinking"] = own  # an Anthropic client's own, as it sent it
             if thinking_on:  # a plugin's setting (!/set) may not add what thinking refuses
                 if body.get("temperature") not in (None, 1):
@@ -521,6 +520,21 @@ def _encode_block(part: Part, same: bool, outgoing: bool) -> dict[str, Any] | No
     if isinstance(part, OpaquePart) and carried(part, PROTOCOL):
         return part.data
     return None
+
+
+def unsigned_thinking_in_last_turn(messages: Any) -> bool:
+    """Whether the last assistant message of a wire body has a thinking block without a
+    signature: another backend's thinking, which llmproxy handed an Anthropic client without
+    the foreign signature, and which the API refuses (the provider then re-encodes)."""
+    if not isinstance(messages, list):
+        return False
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            content = message.get("content")
+            return isinstance(content, list) and any(
+                isinstance(block, dict) and block.get("type") == "thinking" and not block.get("signature") for block in content
+            )
+    return False
 
 
 def _unsigned_tool_turn(messages: list[dict[str, Any]]) -> bool:

@@ -774,8 +774,9 @@ class ChatStreamDecoder(SSEStreamDecoder):
         """Whether the current call (if any) has sent arguments that are a whole JSON value."""
         if self._current is None:
             return True
-        # Arguments are an object: only a piece ending in "}" can complete them, so the
-        # parse (of everything so far) is tried only then, not at every interleaved piece.
+        # Arguments are a JSON object (or, from an odd server, an array): only a piece ending
+        # in "}" or "]" can complete them, so the parse of everything so far is tried only
+        # then, not at every interleaved piece.
         tail = next((piece.rstrip() for piece in reversed(self._current_args) if piece.strip()), "")
         if not tail.endswith(("}", "]")):
             return False

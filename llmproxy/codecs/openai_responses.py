@@ -35,7 +35,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import ProxyError, bad_request
-from .base import SSEStreamDecoder, array, carried, dumps, loads, public_extra, random_hex, sse_frame, string
+from .base import SSEStreamDecoder, array, carried, dumps, loads, public_extra, random_hex, string
 from .openai_chat import effort_for_budget, file_from_data, file_to_data, image_from_url, image_to_url
 
 PROTOCOL = "openai_responses"

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from llmproxy import hookimpl
 from llmproxy.codecs import get_codec
+from llmproxy.codecs.anthropic import unsigned_thinking_in_last_turn
 from llmproxy.config import BackendConfig
 from llmproxy.flow import Flow
 from llmproxy.providers import Capabilities, HTTPProvider
@@ -61,7 +62,7 @@ class AnthropicProvider(HTTPProvider):
         # client without the foreign signature: the API refuses it). Then the body is encoded
         # from the canonical request, which leaves such thinking out, and what enabled
         # thinking refuses without it (see the codec). Earlier turns' thinking the API ignores.
-        if flow.frontend == self.protocol and not flow.request_decoded and _unsigned_last_turn(flow.raw_request.get("messages")):
+        if flow.frontend == self.protocol and not flow.request_decoded and unsigned_thinking_in_last_turn(flow.raw_request.get("messages")):
             flow.request  # noqa: B018 - decodes it
         return super().body(flow, target, stream, passthrough)
 
@@ -82,19 +83,6 @@ class AnthropicProvider(HTTPProvider):
             body.pop(field, None)
         result = await self.send_json(flow, target, self.base_url + "/v1/messages/count_tokens", body)
         return int(result.get("input_tokens", 0)) if isinstance(result, dict) else None
-
-
-def _unsigned_last_turn(messages: Any) -> bool:
-    """Whether the last assistant message has a thinking block without a signature."""
-    if not isinstance(messages, list):
-        return False
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "assistant":
-            content = message.get("content")
-            return isinstance(content, list) and any(
-                isinstance(block, dict) and block.get("type") == "thinking" and not block.get("signature") for block in content
-            )
-    return False
 
 
 @hookimpl

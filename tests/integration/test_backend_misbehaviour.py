@@ -3,15 +3,15 @@ inside its first frame, an error sent with 200 — or as few servers do (paralle
 with their argument pieces interleaved, the key they were sent quoted in an error event), and
 what each client sees, over real sockets.
 
-The backends here are small aiohttp servers written for each case (the protocol fakes in
-tests/fakes answer like the real APIs, which is not the point here).
+The backends here are small aiohttp servers written for each case (``serve``, tests/conftest.py;
+the protocol fakes in tests/fakes answer like the real APIs, which is not the point here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import llmproxy_anthropic
@@ -21,10 +21,9 @@ import pytest
 from aiohttp import web
 
 from llmproxy.errors import ProxyError
-from llmproxy.testing import RunningProxy, start_app, start_proxy
+from llmproxy.testing import RunningProxy
 
 PLUGINS = [("openai", llmproxy_openai), ("anthropic", llmproxy_anthropic), ("gemini", llmproxy_gemini)]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 KEYS = {"OA_KEY": "sk-oa-redirect-1111", "AN_KEY": "sk-ant-redirect-2222", "GM_KEY": "AIza-redirect-3333"}
 
@@ -33,36 +32,6 @@ KEYS = {"OA_KEY": "sk-oa-redirect-1111", "AN_KEY": "sk-ant-redirect-2222", "GM_K
 def keys(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in KEYS.items():
         monkeypatch.setenv(name, value)
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
-    runners: list[web.AppRunner] = []
-
-    async def serve(handler: Handler) -> str:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handler)
-        url, runner = await start_app(app)
-        runners.append(runner)
-        return url
-
-    yield serve
-    for runner in runners:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def proxies() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[RunningProxy]]]:
-    started: list[RunningProxy] = []
-
-    async def start(config: dict[str, Any]) -> RunningProxy:
-        proxy = await start_proxy({"proxy": {"drain_timeout": 0, "response_headers": True}, **config}, plugins=PLUGINS, entry_points=False)
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        await proxy.stop()
 
 
 def backends(url: str) -> dict[str, Any]:
@@ -109,7 +78,7 @@ async def test_a_redirect_is_not_followed_and_no_key_leaves(backend: str, status
     async def redirect(request: web.Request) -> web.Response:
         return web.Response(status=status, headers={"Location": sink_url + request.path + "?token=secret-in-query"})
 
-    proxy = await proxies({"backends": backends(await serve(redirect))})
+    proxy = await proxies({"backends": backends(await serve(redirect))}, PLUGINS)
     answer = await post(proxy, "/v1/chat/completions", {"model": f"{backend}:some-model", **CHAT})
     assert answer[0] == 502, answer
     message = answer[1]["error"]["message"]
@@ -165,7 +134,7 @@ async def test_a_stream_that_never_made_a_frame_fails_over_whole(
               "models": {"fo": {"targets": [f"bad:{how}", f"good:{good[2]}"]}, "alone": {"targets": [f"bad:{how}"]}}}
     if protocol == "openai":
         config["backends"]["good"]["api_keys"] = []
-    proxy = await proxies(config)
+    proxy = await proxies(config, PLUGINS)
     path, body = STREAMS[protocol]
     status, _, raw = await post(proxy, path.replace("{m}", "fo"), json.loads(json.dumps(body).replace("{m}", "fo")))
     assert status == 200 and frames_are_whole(raw), raw[:300]
@@ -208,7 +177,7 @@ async def interleaving(request: web.Request) -> web.StreamResponse:
 async def test_interleaved_parallel_calls_reach_an_anthropic_client_whole_and_in_order(serve: Any, proxies: Any) -> None:
     import anthropic
 
-    proxy = await proxies({"backends": {"oa": {"type": "openai", "base_url": await serve(interleaving) + "/v1"}}, "default_backend": "oa"})
+    proxy = await proxies({"backends": {"oa": {"type": "openai", "base_url": await serve(interleaving) + "/v1"}}, "default_backend": "oa"}, PLUGINS)
     client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="k", max_retries=0)
     tools = [{"name": name, "input_schema": {"type": "object"}} for _, name, _ in CALLS]
     async with client.messages.stream(model="m", max_tokens=100, tools=tools, messages=[{"role": "user", "content": "go"}]) as stream:
@@ -227,7 +196,7 @@ async def test_an_error_sent_with_200_is_a_failed_attempt(client: str, serve: An
     config = {"backends": {"bad": {"type": "openai", "base_url": await serve(error_with_200) + "/v1"},
                            "good": {"type": "openai", "base_url": fake_openai.base_url}},
               "models": {"fo": {"targets": ["bad:m", "good:gpt-4o-mini"]}, "alone": {"targets": ["bad:m"]}}}
-    proxy = await proxies(config)
+    proxy = await proxies(config, PLUGINS)
     path, extra = ("/v1/chat/completions", {}) if client == "openai" else ("/v1/messages", {"max_tokens": 50})
     status, data, raw = await post(proxy, path, {"model": "fo", **CHAT, **extra})
     assert status == 200 and ("choices" in data if client == "openai" else "content" in data), raw[:300]
@@ -252,7 +221,7 @@ async def test_a_key_the_backend_quotes_mid_stream_never_reaches_the_client(
     kind, model, path, body = FORWARDED[protocol]
     fake = {"chat": fake_openai, "responses": fake_responses, "anthropic": fake_anthropic, "gemini": fake_gemini}[protocol]
     fake.script(error_after=2, message="stream broke for key {key}")
-    proxy = await proxies({"backends": {"up": {"type": kind, "base_url": fake.base_url, "api_keys": ["${AN_KEY}"]}}})
+    proxy = await proxies({"backends": {"up": {"type": kind, "base_url": fake.base_url, "api_keys": ["${AN_KEY}"]}}}, PLUGINS)
     path = path.replace("{m}", f"up:{model}")
     status, _, raw = await post(proxy, path, body if protocol == "gemini" else {**body, "model": f"up:{model}"})
     assert status == 200 and fake.last.key == KEYS["AN_KEY"]  # the backend had it, and quoted it
@@ -274,6 +243,6 @@ async def legacy_stream_quoting_the_key(request: web.Request) -> web.StreamRespo
 
 async def test_a_key_quoted_in_a_forwarded_legacy_stream_is_blanked_too(serve: Any, proxies: Any) -> None:
     proxy = await proxies({"backends": {"oa": {"type": "openai", "base_url": await serve(legacy_stream_quoting_the_key) + "/v1", "api_keys": ["${OA_KEY}"]}},
-                           "default_backend": "oa"})
+                           "default_backend": "oa"}, PLUGINS)
     status, _, raw = await post(proxy, "/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "stream": True})
     assert status == 200 and KEYS["OA_KEY"].encode() not in raw and b"key [backend key] is out of credit" in raw, raw

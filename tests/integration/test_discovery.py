@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import llmproxy_anthropic
@@ -18,7 +18,7 @@ import llmproxy_openai
 import pytest
 
 from fakes.listing import ListingAnthropic, ListingGemini, ListingOpenAI
-from llmproxy.testing import RunningProxy, start_proxy
+from llmproxy.testing import RunningProxy
 
 BOUND = 10.0
 KEY = "sk-discovery-3e5a7c9b1d"
@@ -33,18 +33,9 @@ def key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def start() -> AsyncIterator[Start]:
-    started: list[RunningProxy] = []
-
-    async def start(config: dict[str, Any]) -> RunningProxy:
-        plugins = [("openai", llmproxy_openai), ("anthropic", llmproxy_anthropic), ("gemini", llmproxy_gemini)]
-        proxy = await start_proxy({"proxy": {"drain_timeout": 1}, **config}, plugins=plugins, entry_points=False)
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        await proxy.stop()
+def start(proxies: Any) -> Start:
+    plugins = [("openai", llmproxy_openai), ("anthropic", llmproxy_anthropic), ("gemini", llmproxy_gemini)]
+    return lambda config: proxies({"proxy": {"drain_timeout": 1}, **config}, plugins)
 
 
 

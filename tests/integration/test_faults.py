@@ -34,18 +34,12 @@ def key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def start() -> AsyncIterator[Start]:
-    started: list[RunningProxy] = []
-
-    async def start(config: dict[str, Any]) -> RunningProxy:
+def start(proxies: Any) -> Start:
+    def start(config: dict[str, Any]) -> Awaitable[RunningProxy]:
         config = {"proxy": {"drain_timeout": 0, "response_headers": True, **config.pop("proxy", {})}, **config}
-        proxy = await start_proxy(config, plugins=[("openai", llmproxy_openai)], entry_points=False)
-        started.append(proxy)
-        return proxy
+        return proxies(config, [("openai", llmproxy_openai)])
 
-    yield start
-    for proxy in started:
-        await proxy.stop()
+    return start
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 
 from fakes.held_openai import HeldOpenAI
 from llmproxy.scheduling import ModelScheduler
-from llmproxy.testing import RunningProxy, start_proxy
+from llmproxy.testing import RunningProxy
 
 BOUND = 10.0
 HI = [{"role": "user", "content": "say hi"}]
@@ -29,17 +29,8 @@ Start = Callable[..., Awaitable[RunningProxy]]
 
 
 @pytest.fixture
-async def start() -> AsyncIterator[Start]:
-    started: list[RunningProxy] = []
-
-    async def start(config: dict[str, Any]) -> RunningProxy:
-        proxy = await start_proxy({"proxy": {"drain_timeout": 1}, **config}, plugins=[("openai", llmproxy_openai)], entry_points=False)
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        await proxy.stop()
+def start(proxies: Any) -> Start:
+    return lambda config: proxies({"proxy": {"drain_timeout": 1}, **config}, [("openai", llmproxy_openai)])
 
 
 @pytest.fixture

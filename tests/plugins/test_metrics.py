@@ -61,19 +61,12 @@ async def second_fake() -> AsyncIterator[FakeOpenAI]:
 
 
 @pytest.fixture
-async def start() -> AsyncIterator[Start]:
-    started: list[RunningProxy] = []
-
-    async def start(config: dict[str, Any], extra: list[tuple[str, Any]] | None = None) -> RunningProxy:
+def start(proxies: Any) -> Start:
+    def start(config: dict[str, Any], extra: list[tuple[str, Any]] | None = None) -> Awaitable[RunningProxy]:
         config = {"proxy": {"drain_timeout": 1, **config.pop("proxy", {})}, **config}
-        plugins = [("openai", llmproxy_openai), ("commands", llmproxy_commands), ("metrics", llmproxy_metrics), *(extra or [])]
-        proxy = await start_proxy(config, plugins=plugins, entry_points=False)
-        started.append(proxy)
-        return proxy
+        return proxies(config, [("openai", llmproxy_openai), ("commands", llmproxy_commands), ("metrics", llmproxy_metrics), *(extra or [])])
 
-    yield start
-    for proxy in started:
-        await proxy.stop()
+    return start
 
 
 

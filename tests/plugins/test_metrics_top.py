@@ -13,7 +13,7 @@ import re
 import signal
 import sys
 import time
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import pytest
 from aiohttp import web

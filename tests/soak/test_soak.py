@@ -20,12 +20,10 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import llmproxy_anthropic
 import llmproxy_openai
-import pytest
 
 from llmproxy.testing import start_proxy
 
