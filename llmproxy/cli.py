@@ -170,13 +170,19 @@ def validate(ctx: click.Context, config_path: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def plugins_cmd(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
-    """List plugins (name, version, origin, hooks) and each hook chain in run order."""
+    """List plugins (name, version, origin, hooks) and each hook chain in run order, as
+    this config makes them: some implementations run only for requests that offer tools,
+    and some have nothing to do under these settings."""
     try:
-        _, host = _load(config_path or ctx.obj["config_path"])
+        config, host = _load(config_path or ctx.obj["config_path"])
+        from .context import ProxyContext
+
+        context = ProxyContext(config, host)
+        asyncio.run(context.configure())  # the plugins say what their settings leave them to do
     except (ConfigError, PluginLoadError) as error:
         _fail(error)
         return
-    info = describe(host)
+    info = describe(host, context.chains)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -186,7 +192,11 @@ def plugins_cmd(ctx: click.Context, config_path: str | None, as_json: bool) -> N
         click.echo(f"{plugin['name']:<20} {plugin['version']:<10} {plugin['origin']:<28} hooks: {', '.join(plugin['hooks']) or '-'}{extra}")
     click.echo("\nchains (run order):")
     for hook, order in info["chains"].items():
-        click.echo(f"  {hook:<17} {' → '.join(order) or '-'}")
+        tools = info["with_tools_only"][hook]
+        shown = [f"{name} (tools)" if name in tools else name for name in order]
+        idle = f"   [idle here: {', '.join(info['idle'][hook])}]" if info["idle"][hook] else ""
+        click.echo(f"  {hook:<17} {' → '.join(shown) or '-'}{idle}")
+    click.echo("\n(tools): runs only for requests that offer tools. idle here: nothing to do under this config, so never called.")
 
 
 def _load_or_exit(path: str | None, code: int) -> tuple[Config, PluginHost]:

@@ -7,6 +7,7 @@ plugins in ``configure``, ``startup`` and ``shutdown``. Tests build their own.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from .codecs import get_codec
 from .codecs.base import loads
 from .config import Config, ConfigError
 from .errors import ProxyError
-from .manager import HookChains, PluginHost, call_chain, call_chain_logged
+from .manager import HookChains, PluginHost, call_chain, call_chain_logged, declared_work
 from .providers import Provider
 from .redact import DEFAULT_PATTERNS, Pattern, Redactor, proxy_secrets
 from .resilience import Health
@@ -145,13 +146,22 @@ class ProxyContext:
         return self._redactor
 
     async def configure(self) -> None:
-        """Hand every plugin its settings; a plugin that refuses them is a config error."""
+        """Hand every plugin its settings; a plugin that refuses them is a config error.
+        Then build the chains anew, without what the plugins said has nothing to do under
+        these settings (see ``configure`` in llmproxy/hookspecs.py)."""
+        work: dict[str, dict[str, str]] = {}
         for impl in self.chains.by_hook["configure"]:
             info = self.host.plugins[impl.plugin]
+            arguments = {"settings": info.settings, "context": self}
             try:
-                await call_chain([impl], settings=info.settings, context=self)
+                declared = impl.function(*[arguments[a] for a in impl.argnames])
+                if inspect.isawaitable(declared):
+                    declared = await declared
+                if declared is not None:
+                    work[impl.plugin] = declared_work(impl.plugin, declared, self.host.hooks_of(impl.plugin))
             except Exception as error:  # the plugin's own words, as a config problem
                 raise ConfigError([f"plugins.{impl.plugin}: {error}"], self.config.source) from None
+        self.chains = self.host.chains(work)
 
     async def start(self) -> None:
         await self.configure()

@@ -106,8 +106,9 @@ async def count_tokens(request: web.Request, codec: Codec, shape: Any, inject: d
         flow.model, _ = codec.peek(body)
         flow.metadata["kind"] = "count_tokens"
         flow.request  # noqa: B018 - decode now: a malformed body is the client's 400
-        if ctx.chains.request:
-            await call_chain(ctx.chains.request, stop=lambda: flow.has_response, skip=flow.disabled_plugins, flow=flow)
+        chains = ctx.chains.of(flow)
+        if chains.request:
+            await call_chain(chains.request, stop=lambda: flow.has_response, skip=flow.disabled_plugins, flow=flow)
         total = None
         try:
             total = await failover(flow, ctx, lambda target: target.provider.count_tokens(flow, target), scheduled=False)

@@ -34,6 +34,12 @@ read). A stream with no processors is forwarded without decoding when the
 backend speaks the client's protocol, so a plugin that has nothing to do for a stream should
 return ``None`` from ``stream_start`` and costs nothing per event.
 
+Cost. Every flow calls every implementation in its chains, and a proxy's own cost per
+request is a handful of microseconds per call. An implementation that has nothing to do
+under its plugin's settings, or for requests that offer no tools, says so from ``configure``
+(below) and is left out of those flows' chains. ``llmproxy plugins`` shows the chains as
+the config makes them.
+
 Tracing. A plugin that shows what the others did (the inspector) calls
 ``flow.trace_changes()`` from a ``tryfirst`` ``request`` implementation; the core then records
 in ``flow.changes`` a ``(hook, plugin, before, after)`` entry for each later ``request`` or
@@ -123,13 +129,21 @@ def plugin_settings() -> Optional[type["BaseModel"]]:
 
 
 @hookspec
-def configure(settings: Optional["BaseModel"], context: "ProxyContext") -> None:
+def configure(settings: Optional["BaseModel"], context: "ProxyContext") -> Optional[dict[str, str]]:
     """Receive this plugin's validated settings (an instance of its ``plugin_settings``
-    model, or None when it has none) and the proxy context. Called at start-up and by
-    ``llmproxy config validate``, so keep it free of side effects beyond remembering the
-    settings (open files in ``startup``). Raise ``ValueError`` to reject the settings: the
-    message becomes a config error naming ``plugins.<name>``. Per flow, read them back with
-    ``flow.context.settings("<name>")``.
+    model, or None when it has none) and the proxy context. Called at start-up, on every
+    config reload and by ``llmproxy config validate``, so keep it free of side effects
+    beyond remembering the settings (open files in ``startup``). Raise ``ValueError`` to
+    reject the settings: the message becomes a config error naming ``plugins.<name>``. Per
+    flow, read them back with ``flow.context.settings("<name>")``.
+
+    Optionally return when your flow hooks have work under these settings, as a mapping of
+    hook name to ``"always"`` (the default), ``"tools"`` (only for requests whose client
+    offers tools, ``tools`` in its body, as agents' requests do) or ``"never"`` — say
+    ``{"request": "never"}`` for a rewrite plugin with no rules. The core then leaves the
+    implementation out of the chains where it has nothing to do, so those flows do not pay
+    for calling it (see "Cost" above). It is a promise: keep your own checks, they are
+    what a flow that does call you relies on.
     """
 
 

@@ -204,8 +204,10 @@ class PluginHost:
         """Provider type → the key variable that adds it to the default config."""
         return {name: cls.env_key for name, cls in self.provider_types.items() if getattr(cls, "env_key", None)}
 
-    def chains(self) -> "HookChains":
-        return HookChains(self.pm)
+    def chains(self, work: dict[str, dict[str, str]] | None = None) -> "HookChains":
+        """The chains, leaving out what ``work`` (plugin → hook → when, as ``configure``
+        returned it) says has nothing to do."""
+        return HookChains(self.pm, work or {})
 
     def hooks_of(self, name: str) -> list[str]:
         obj = self.plugins[name].obj
@@ -214,14 +216,42 @@ class PluginHost:
         return [hc.name for hc in self.pm.get_hookcallers(obj) or ()]
 
 
-class HookChains:
-    """Per hook, the implementations in run order (first to last)."""
+WORK_WHEN = ("always", "tools", "never")  # what ``configure`` may say of a flow hook (see hookspecs)
 
-    def __init__(self, pm: pluggy.PluginManager) -> None:
+
+def declared_work(plugin: str, declared: Any, hooks: list[str]) -> dict[str, str]:
+    """Check what a plugin's ``configure`` returned: a mapping of its own flow hooks to
+    ``"never"`` or ``"tools"``. A mistake is the plugin author's: say exactly what it is."""
+    if not isinstance(declared, dict):
+        raise ValueError(f"configure returned {type(declared).__name__}; it may return None or a mapping of flow hook → 'always' | 'tools' | 'never'")
+    for hook, when in declared.items():
+        if hook not in FLOW_HOOKS or hook not in hooks:
+            raise ValueError(f"configure says when {hook!r} has work, but the plugin implements no flow hook of that name (it implements: {', '.join(h for h in FLOW_HOOKS if h in hooks) or 'none'})")
+        if when not in WORK_WHEN:
+            raise ValueError(f"configure says {hook!r} has work {when!r}; the choices are {', '.join(map(repr, WORK_WHEN))}")
+    return declared
+
+
+class HookChains:
+    """Per hook, the implementations in run order (first to last).
+
+    An implementation its plugin's ``configure`` declared ``"never"`` is in no chain; one
+    declared ``"tools"`` only in these chains, not in :attr:`without_tools`, the chains of
+    a request that offers no tools (:meth:`of` picks them per flow)."""
+
+    def __init__(self, pm: pluggy.PluginManager, work: dict[str, dict[str, str]], tools: bool = True) -> None:
         self.by_hook: dict[str, list[Impl]] = {}
+        self.tools_only: set[tuple[str, str]] = set()
         for name in FLOW_HOOKS + ("configure", "startup", "shutdown"):
             caller = getattr(pm.hook, name)
-            impls = [Impl(i.plugin_name, i.function, tuple(i.argnames), name) for i in reversed(caller.get_hookimpls())]
+            impls = []
+            for i in reversed(caller.get_hookimpls()):
+                when = work.get(i.plugin_name, {}).get(name)
+                if when == "tools":
+                    self.tools_only.add((i.plugin_name, name))
+                if when == "never" or (when == "tools" and not tools):
+                    continue
+                impls.append(Impl(i.plugin_name, i.function, tuple(i.argnames), name))
             self.by_hook[name] = impls
         self.request = self.by_hook["request"]
         self.upstream_request = self.by_hook["upstream_request"]
@@ -229,6 +259,11 @@ class HookChains:
         self.stream_start = self.by_hook["stream_start"]
         self.error = self.by_hook["error"]
         self.flow_done = self.by_hook["flow_done"]
+        self.without_tools: HookChains = HookChains(pm, work, tools=False) if tools and self.tools_only else self
+
+    def of(self, flow: Any) -> "HookChains":
+        """The chains that run for ``flow``: its client's request offers tools, or not."""
+        return self if flow.raw_request.get("tools") else self.without_tools
 
     def order(self, hook: str) -> list[str]:
         return [impl.plugin for impl in self.by_hook.get(hook, ())]
@@ -315,9 +350,12 @@ async def call_chain_logged(impls: list[Impl], skip: frozenset[str] = frozenset(
             log.exception("plugin %s failed in a hook; continuing", impl.plugin)
 
 
-def describe(host: PluginHost) -> dict[str, Any]:
-    """What `llmproxy plugins` prints: each plugin and each flow chain in run order."""
-    chains = host.chains()
+def describe(host: PluginHost, chains: HookChains | None = None) -> dict[str, Any]:
+    """What `llmproxy plugins` prints: each plugin and each flow chain in run order — the
+    configured ``chains`` when given: then also which implementations run only for requests
+    that offer tools, and which have nothing to do under this config (in no chain)."""
+    everything = host.chains()
+    chains = chains or everything
     return {
         "plugins": [
             {
@@ -333,4 +371,6 @@ def describe(host: PluginHost) -> dict[str, Any]:
             for info in host.plugins.values()
         ],
         "chains": {hook: chains.order(hook) for hook in FLOW_HOOKS},
+        "with_tools_only": {hook: [p for p in chains.order(hook) if (p, hook) in chains.tools_only] for hook in FLOW_HOOKS},
+        "idle": {hook: [p for p in everything.order(hook) if p not in chains.order(hook)] for hook in FLOW_HOOKS},
     }

@@ -177,7 +177,7 @@ async def handle(
 
 
 async def _run(flow: Flow, ctx: ProxyContext, writer: "Writer") -> None:
-    chains = ctx.chains
+    chains = ctx.chains.of(flow)
     if chains.request:
         await call_chain(chains.request, stop=lambda: flow.has_response, skip=flow.disabled_plugins, flow=flow)
     if flow.stream:
@@ -255,7 +255,7 @@ def _fail_over_stream(flow: Flow, ctx: ProxyContext, error: ProxyError) -> bool:
 
 def _stream_processors(flow: Flow, ctx: ProxyContext) -> list[tuple[str, Any]]:
     processors = []
-    for impl in ctx.chains.stream_start:
+    for impl in ctx.chains.of(flow).stream_start:
         if impl.plugin in flow.disabled_plugins:
             continue
         try:
@@ -487,8 +487,9 @@ async def _fail(flow: Flow, ctx: ProxyContext, writer: "Writer", error: ProxyErr
     # well as in a status: mask it before the client, the flow's record or any hook sees it.
     error.message = ctx.redactor.text(error.message)
     flow.error = error
-    if ctx.chains.error:
-        await call_chain_logged(ctx.chains.error, skip=flow.disabled_plugins, flow=flow)
+    chains = ctx.chains.of(flow)
+    if chains.error:
+        await call_chain_logged(chains.error, skip=flow.disabled_plugins, flow=flow)
     if writer.started:
         flow.error = flow.error or error
         await writer.stream_error(flow.error)
@@ -508,8 +509,9 @@ async def _done(flow: Flow, ctx: ProxyContext) -> None:
     flow.ended = time.monotonic()
     if flow.routing is not None and "rate_entries" in flow.routing:
         settle_rate_limits(flow)
-    if ctx.chains.flow_done:
-        await call_chain_logged(ctx.chains.flow_done, skip=flow.disabled_plugins, flow=flow)
+    chains = ctx.chains.of(flow)
+    if chains.flow_done:
+        await call_chain_logged(chains.flow_done, skip=flow.disabled_plugins, flow=flow)
     if log.isEnabledFor(logging.INFO):
         target = flow.target.label if flow.target else "-"
         outcome = f"{flow.status}" + (f" {flow.error.message}" if flow.error else "")

@@ -560,7 +560,7 @@ class HTTPProvider(Provider):
         """One request with one key: an attempt of its own in ``flow.attempts``."""
         assert self.session is not None, "provider not started"
         upstream = UpstreamRequest("POST", url or self.url(target, stream), self.headers(key, flow), body)
-        chain = self.context.chains.upstream_request
+        chain = self.context.chains.of(flow).upstream_request
         if chain:
             await call_chain(chain, skip=flow.disabled_plugins, flow=flow, upstream=upstream)
         attempt = Attempt(backend=self.name, model=target.model, key_name=key_name)

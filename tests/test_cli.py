@@ -415,6 +415,22 @@ def test_plugins_json() -> None:
     assert all(isinstance(order, list) for order in info["chains"].values())
 
 
+def test_plugins_shows_the_chains_the_config_makes(tmp_path: Path) -> None:
+    # The built-ins say from configure where they have work: under the default settings the
+    # tool watchers run only for requests offering tools, and a rewrite plugin without rules
+    # is in no chain; given rules, it is.
+    result = run_cli("plugins")
+    assert result.returncode == 0, result.stderr
+    request = next(line for line in result.stdout.splitlines() if line.strip().startswith("request "))
+    assert "edit_precision (tools)" in request and "commands →" in request
+    assert "idle here:" in request and "rewrite" in request.split("idle here:")[1]
+    config = write_config(tmp_path, "backends:\n  x: {type: offline}\nplugins:\n  rewrite:\n    rules: [{replace: foo, with: bar}]\n")
+    info = json.loads(run_cli("--config", str(config), "plugins", "--json").stdout)
+    assert "rewrite" in info["chains"]["request"] and "rewrite" not in info["idle"]["request"]
+    assert {"tool_repair", "dangerous_commands"} <= set(info["with_tools_only"]["response"])
+    assert "wire_capture" in info["idle"]["flow_done"]  # no capture file configured
+
+
 def test_plugins_disabled_by_config(tmp_path: Path) -> None:
     config = write_config(tmp_path, "backends:\n  x: {type: offline}\nplugins:\n  openai: {enabled: false}\n")
     for args in (("--config", str(config), "plugins", "--json"), ("plugins", "--config", str(config), "--json")):  # either place

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmproxy import ProxyError, hookimpl
 from llmproxy.canonical import EventKind, Response, StreamEvent, TextPart
+from llmproxy.config import ConfigError, parse_config
 from llmproxy.flow import Flow
 from llmproxy.manager import describe
 from llmproxy.testing import RunningProxy, start_proxy
@@ -1093,3 +1094,104 @@ async def test_register_routes_cannot_take_a_protocol_path() -> None:
 
     with pytest.raises(ConfigError, match=r"plugins.squatter: cannot add route '/v1/chat/completions'"):
         await start_proxy(OFFLINE, plugins=[("offline", llmproxy_offline), ("squatter", Squatter())], entry_points=False)
+
+
+# -- when a hook has work: what configure declares ------------------------------------------
+
+
+class WorkSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    when: dict[str, Any] = Field(default_factory=dict)
+
+
+class Declarer:
+    """Counts its calls per hook; ``configure`` returns ``plugins.declarer.when`` as it is."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = defaultdict(int)
+
+    @hookimpl
+    def plugin_settings(self) -> type[BaseModel]:
+        return WorkSettings
+
+    @hookimpl
+    def configure(self, settings: WorkSettings) -> Any:
+        return settings.when or None
+
+    @hookimpl
+    def request(self, flow: Flow) -> None:
+        self.calls["request"] += 1
+
+    @hookimpl
+    def response(self, flow: Flow) -> None:
+        self.calls["response"] += 1
+
+    @hookimpl
+    def stream_start(self, flow: Flow) -> None:
+        self.calls["stream_start"] += 1
+
+    @hookimpl
+    def flow_done(self, flow: Flow) -> None:
+        self.calls["flow_done"] += 1
+
+
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+
+
+async def _ask(session: aiohttp.ClientSession, running: RunningProxy, tools: bool, stream: bool) -> None:
+    body: dict[str, Any] = {"model": "offline-echo", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    if tools:
+        body["tools"] = [TOOL]
+    async with session.post(running.url + "/v1/chat/completions", json=body) as response:
+        assert response.status == 200, await response.text()
+        await response.read()
+
+
+async def test_hooks_declared_tools_or_never_run_only_where_they_have_work(proxy: StartProxy, session: aiohttp.ClientSession) -> None:
+    plugin = Declarer()
+    when = {"request": "tools", "response": "never", "stream_start": "tools", "flow_done": "always"}
+    running = await proxy({**OFFLINE, "plugins": {"declarer": {"when": when}}}, ("declarer", plugin))
+    for stream in (False, True):
+        await _ask(session, running, tools=False, stream=stream)
+    assert dict(plugin.calls) == {"flow_done": 2}  # neither offered tools
+    for stream in (False, True):
+        await _ask(session, running, tools=True, stream=stream)
+    assert dict(plugin.calls) == {"flow_done": 4, "request": 2, "stream_start": 1}  # response: never
+    info = describe(running.context.host, running.context.chains)
+    assert info["with_tools_only"]["request"] == ["declarer"] and info["idle"]["response"] == ["declarer"]
+    assert "declarer" in info["chains"]["request"] and "declarer" not in info["chains"]["response"]
+
+
+async def test_a_reload_rebuilds_the_chains_from_what_configure_says_now(proxy: StartProxy, session: aiohttp.ClientSession) -> None:
+    plugin = Declarer()
+    running = await proxy({**OFFLINE, "plugins": {"declarer": {"when": {"request": "never"}}}}, ("declarer", plugin))
+    await _ask(session, running, tools=True, stream=False)
+    assert "request" not in plugin.calls
+    report = await running.context.reload(parse_config({**OFFLINE, "proxy": {"drain_timeout": 0}, "plugins": {"declarer": {"when": {}}}}, "<test>"))
+    assert report["status"] == "applied", report
+    await _ask(session, running, tools=False, stream=False)
+    assert plugin.calls["request"] == 1 and plugin.calls["response"] == 2  # always, the default
+
+
+@pytest.mark.parametrize(
+    "when, problem",
+    [
+        ({"requests": "never"}, "configure says when 'requests' has work, but the plugin implements no flow hook of that name"),
+        ({"upstream_request": "never"}, "no flow hook of that name (it implements: request, response, stream_start, flow_done)"),
+        ({"request": "sometimes"}, "configure says 'request' has work 'sometimes'; the choices are 'always', 'tools', 'never'"),
+    ],
+)
+async def test_a_wrong_declaration_stops_start_up_naming_the_plugin(when: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        await start_proxy({**OFFLINE, "plugins": {"declarer": {"when": when}}}, plugins=[("offline", llmproxy_offline), ("declarer", Declarer())], entry_points=False)
+    assert caught.value.problems[0].startswith("plugins.declarer: ") and problem in caught.value.problems[0]
+
+
+async def test_a_declaration_that_is_not_a_mapping_is_refused() -> None:
+    class Listing(Declarer):
+        @hookimpl
+        def configure(self, settings: WorkSettings) -> Any:
+            return ["request"]
+
+    with pytest.raises(ConfigError, match=r"plugins.declarer: configure returned list; it may return None or a mapping"):
+        await start_proxy(OFFLINE, plugins=[("offline", llmproxy_offline), ("declarer", Listing())], entry_points=False)

@@ -104,6 +104,11 @@ def plugin_settings() -> type[BaseModel]:
     return ContextWindowSettings
 
 
+@hookimpl
+def configure(settings: Optional[ContextWindowSettings]) -> dict[str, str]:
+    return {"request": "always" if (settings or _DEFAULT).active else "never"}
+
+
 def model_limit(flow: "Flow", settings: ContextWindowSettings) -> Optional[int]:
     """The input-token limit that applies to ``flow``'s model, or None."""
     names = [flow.model]

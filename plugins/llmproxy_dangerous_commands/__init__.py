@@ -285,8 +285,9 @@ def plugin_settings() -> type[BaseModel]:
 
 
 @hookimpl
-def configure(settings: DangerousCommandsSettings, context: Any) -> None:
+def configure(settings: DangerousCommandsSettings, context: Any) -> dict[str, str]:
     context.state[NAME] = Policy(settings)
+    return {"response": "tools", "stream_start": "tools"}  # only a tool call runs a command
 
 
 @hookimpl(trylast=True)

@@ -154,6 +154,11 @@ def plugin_settings() -> type[BaseModel]:
     return EditPrecisionSettings
 
 
+@hookimpl
+def configure(settings: Optional[EditPrecisionSettings]) -> dict[str, str]:
+    return {"request": "tools" if (settings or _DEFAULT).active else "never"}  # only agents' edit turns are tuned
+
+
 # trylast: after plugins that change the model or the request (commands, overrides).
 @hookimpl(trylast=True)
 def request(flow: "Flow") -> None:

@@ -125,6 +125,13 @@ def plugin_settings() -> type[BaseModel]:
     return EmptyRecoverySettings
 
 
+@hookimpl
+def configure(settings: Optional[EmptyRecoverySettings]) -> dict[str, str]:
+    s = settings or _DEFAULTS
+    when = {"all": "always", "with_tools": "tools", "off": "never"}
+    return {"response": when[s.answers], "stream_start": when[s.streams]}
+
+
 @hookimpl(tryfirst=True)
 async def response(flow: Flow) -> None:
     if not flow.attempts or flow.metadata.get(NAME):

@@ -162,7 +162,7 @@ def plugin_settings() -> type[BaseModel]:
 
 
 @hookimpl
-def configure(settings: IdentityHeadersSettings, context: "ProxyContext") -> None:
+def configure(settings: IdentityHeadersSettings, context: "ProxyContext") -> dict[str, str]:
     known = set(context.config.backends)
     unknown = [name for name in settings.backends if not any(ch in name for ch in "*?[") and name not in known]
     if unknown:
@@ -170,6 +170,7 @@ def configure(settings: IdentityHeadersSettings, context: "ProxyContext") -> Non
             f"backends: no backend named {', '.join(map(repr, unknown))} is configured "
             f"(configured: {', '.join(sorted(known)) or 'none'}; globs such as '*' match several)"
         )
+    return {"upstream_request": "always" if settings.backends else "never"}
 
 
 @hookimpl

@@ -177,6 +177,17 @@ def plugin_settings() -> type[BaseModel]:
     return LoopDetectionSettings
 
 
+@hookimpl
+def configure(settings: Optional[LoopDetectionSettings]) -> dict[str, str]:
+    s = settings or _DEFAULTS
+    watches = s.text or s.thinking
+    return {
+        "request": "tools" if s.tool_calls else "never",  # a call can loop only where tools are offered
+        "response": ("tools" if s.answers == "with_tools" else "always") if watches else "never",
+        "stream_start": ("tools" if s.streams == "with_tools" else "always") if watches and s.streams != "off" else "never",
+    }
+
+
 # -- tool-call loops -----------------------------------------------------------------------------
 
 

@@ -108,7 +108,7 @@ def plugin_settings() -> type[BaseModel]:
 
 
 @hookimpl
-def configure(settings: Optional[ModelOverrideSettings], context: Any) -> None:
+def configure(settings: Optional[ModelOverrideSettings], context: Any) -> dict[str, str]:
     problems = []
     for i, rule in enumerate(settings.rules if settings is not None else ()):
         try:
@@ -120,6 +120,7 @@ def configure(settings: Optional[ModelOverrideSettings], context: Any) -> None:
     if problems:
         raise ValueError("; ".join(problems))
     context.state[PLUGIN] = Rules(settings) if settings is not None else None
+    return {"request": "always" if settings is not None and settings.rules else "never"}
 
 
 @hookimpl

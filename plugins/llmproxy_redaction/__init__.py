@@ -169,7 +169,7 @@ def plugin_settings() -> type[BaseModel]:
 
 
 @hookimpl
-def configure(settings: RedactionSettings | None, context: "ProxyContext") -> None:
+def configure(settings: RedactionSettings | None, context: "ProxyContext") -> dict[str, str]:
     settings = settings or RedactionSettings()
     values = list(settings.secrets)
     for name in settings.secret_env:
@@ -187,6 +187,8 @@ def configure(settings: RedactionSettings | None, context: "ProxyContext") -> No
     context.state[NAME] = _State(settings, outbound)
     LOG_FILTER.contexts.add(context)
     attach_log_filter(settings.loggers)
+    # nothing to look for (outbound: off, or no secret and no pattern): no request to search
+    return {"upstream_request": "always" if outbound else "never"}
 
 
 @hookimpl

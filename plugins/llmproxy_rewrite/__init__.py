@@ -217,6 +217,13 @@ def plugin_settings() -> type[BaseModel]:
 
 
 @hookimpl
+def configure(settings: Optional[RewriteSettings]) -> dict[str, str]:
+    s = settings or _DEFAULT
+    outbound = "always" if s._outbound else "never"
+    return {"request": "always" if s._inbound else "never", "response": outbound, "stream_start": outbound}
+
+
+@hookimpl
 def request(flow: "Flow") -> None:
     rules = _settings(flow).inbound(flow)
     if not rules:

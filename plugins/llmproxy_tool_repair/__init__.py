@@ -259,6 +259,11 @@ def plugin_settings() -> type[BaseModel]:
 
 
 @hookimpl
+def configure() -> dict[str, str]:
+    return {"response": "tools", "stream_start": "tools"}  # no tools offered, no tool call to repair
+
+
+@hookimpl
 def response(flow: Flow) -> Any:
     if not offers_tools(flow.raw_request):
         return None

@@ -113,6 +113,13 @@ def plugin_settings() -> type[BaseModel]:
 
 
 @hookimpl
+def configure(settings: CaptureSettings | None) -> dict[str, str]:
+    # without a file to write, no flow has anything to record
+    when = "always" if settings is not None and settings.path else "never"
+    return dict.fromkeys(("request", "upstream_request", "flow_done"), when)
+
+
+@hookimpl
 async def startup(context: "ProxyContext") -> None:
     settings: CaptureSettings | None = context.settings(NAME)
     if settings is None or not settings.path:
