@@ -152,8 +152,8 @@ def test_llmproxy_plugins_lists_it(installed: None) -> None:
     assert shout["module"] == "llmproxy_shout"
     assert set(shout["hooks"]) == {"plugin_settings", "configure", "upstream_request", "response", "stream_start"}
     assert shout["settings"] == "ShoutSettings"
-    for hook in ("upstream_request", "response", "stream_start"):
-        assert "shout" in info["chains"][hook]
+    for hook in ("upstream_request", "response", "stream_start"):  # not configured: nothing to do
+        assert "shout" in info["idle"][hook] and "shout" not in info["chains"][hook]
 
     text = run_cli("plugins").stdout
     assert any(line.startswith("shout ") and f"entry point ({DIST})" in line for line in text.splitlines()), text
@@ -168,6 +168,9 @@ def test_its_settings_are_validated_by_llmproxy(installed: None, tmp_path: Path)
 
     config = write_config(tmp_path, "plugins:\n  shout: {header: X-Shout, word: quiet}\n")
     assert run_cli("config", "validate", "--config", str(config)).returncode == 0
+    info = json.loads(run_cli("--config", str(config), "plugins", "--json").stdout)
+    for hook in ("upstream_request", "response", "stream_start"):  # configured: in the chains
+        assert "shout" in info["chains"][hook] and "shout" not in info["idle"][hook]
 
 
 async def test_it_changes_flows_through_a_real_proxy(installed: None, tmp_path: Path, upstream: Upstream) -> None:

@@ -125,9 +125,13 @@ def plugin_settings() -> type[BaseModel]:
 
 
 @hookimpl
-def configure(settings: ShoutSettings) -> None:
+def configure(settings: ShoutSettings) -> dict[str, str]:
     global _settings
     _settings = settings
+    # Say which hooks these settings leave with nothing to do: the core then leaves them out
+    # of every flow's chains, and installed but not configured, this plugin costs nothing.
+    watching = "always" if settings.word else "never"
+    return {"upstream_request": "always" if settings.header else "never", "response": watching, "stream_start": watching}
 
 
 # -- the flow ----------------------------------------------------------------------------------
