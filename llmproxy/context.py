@@ -18,7 +18,7 @@ from .codecs import get_codec
 from .codecs.base import loads
 from .config import Config, ConfigError
 from .errors import ProxyError
-from .manager import HookChains, PluginHost, call_chain, call_chain_logged, declared_work
+from .manager import DeclarationError, HookChains, PluginHost, call_chain, call_chain_logged, declared_work
 from .providers import Provider
 from .redact import DEFAULT_PATTERNS, Pattern, Redactor, proxy_secrets
 from .resilience import Health
@@ -158,7 +158,9 @@ class ProxyContext:
                 if inspect.isawaitable(declared):
                     declared = await declared
                 if declared is not None:
-                    work[impl.plugin] = declared_work(impl.plugin, declared, self.host.hooks_of(impl.plugin))
+                    work[impl.plugin] = declared_work(declared, self.host.hooks_of(impl.plugin))
+            except DeclarationError as error:  # not the user's to fix: say whose it is
+                raise ConfigError([f"plugins.{impl.plugin}: {error} — a bug in the plugin ({info.module} {info.version}, {info.origin}), not in your config: report it to its author, or set plugins.{impl.plugin}.enabled: false"], self.config.source) from None
             except Exception as error:  # the plugin's own words, as a config problem
                 raise ConfigError([f"plugins.{impl.plugin}: {error}"], self.config.source) from None
         self.chains = self.host.chains(work)

@@ -34,11 +34,11 @@ read). A stream with no processors is forwarded without decoding when the
 backend speaks the client's protocol, so a plugin that has nothing to do for a stream should
 return ``None`` from ``stream_start`` and costs nothing per event.
 
-Cost. Every flow calls every implementation in its chains, and a proxy's own cost per
-request is a handful of microseconds per call. An implementation that has nothing to do
-under its plugin's settings, or for requests that offer no tools, says so from ``configure``
-(below) and is left out of those flows' chains. ``llmproxy plugins`` shows the chains as
-the config makes them.
+Cost. Every flow calls every implementation in its chains, about a microsecond each even
+when it returns at once. An implementation that has nothing to do under its plugin's
+settings, or for requests that offer no tools, says so from ``configure`` (below) and is
+left out of those flows' chains. ``llmproxy plugins`` shows the chains as the config makes
+them.
 
 Tracing. A plugin that shows what the others did (the inspector) calls
 ``flow.trace_changes()`` from a ``tryfirst`` ``request`` implementation; the core then records
@@ -137,13 +137,19 @@ def configure(settings: Optional["BaseModel"], context: "ProxyContext") -> Optio
     reject the settings: the message becomes a config error naming ``plugins.<name>``. Per
     flow, read them back with ``flow.context.settings("<name>")``.
 
-    Optionally return when your flow hooks have work under these settings, as a mapping of
-    hook name to ``"always"`` (the default), ``"tools"`` (only for requests whose client
-    offers tools, ``tools`` in its body, as agents' requests do) or ``"never"`` — say
-    ``{"request": "never"}`` for a rewrite plugin with no rules. The core then leaves the
-    implementation out of the chains where it has nothing to do, so those flows do not pay
-    for calling it (see "Cost" above). It is a promise: keep your own checks, they are
-    what a flow that does call you relies on.
+    Optionally return when your flow hooks have work under these settings: a mapping from
+    some of the flow hooks you implement (``request``, ``upstream_request``, ``response``,
+    ``stream_start``, ``error``, ``flow_done``) to ``"always"`` (the default for a hook not
+    named), ``"tools"`` or ``"never"`` — say ``{"request": "never"}`` for a rewrite plugin
+    with no rules. ``"tools"``: only for flows whose client offers tools, that is a non-empty
+    ``tools`` array in the body the client sent (any protocol; Gemini's built-in tools count,
+    the legacy OpenAI ``functions`` field does not). It is judged from that wire body, so a
+    ``request`` hook that adds tools to ``flow.request`` does not bring ``"tools"``
+    implementations into the flow. The core leaves an implementation out of the chains of
+    the flows it has nothing to do for (see "Cost" above), rebuilding them after every
+    ``configure``. A wrong declaration stops start-up as a bug in the plugin. Keep your own
+    checks as well: a hook called directly (``llmproxy.testing.make_flow`` tests) or by a
+    version of llmproxy that ignores the declaration runs for every flow.
     """
 
 

@@ -17,7 +17,7 @@ import inspect
 import logging
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import pluggy
 from pydantic import BaseModel, ValidationError
@@ -219,17 +219,25 @@ class PluginHost:
 WORK_WHEN = ("always", "tools", "never")  # what ``configure`` may say of a flow hook (see hookspecs)
 
 
-def declared_work(plugin: str, declared: Any, hooks: list[str]) -> dict[str, str]:
-    """Check what a plugin's ``configure`` returned: a mapping of its own flow hooks to
-    ``"never"`` or ``"tools"``. A mistake is the plugin author's: say exactly what it is."""
-    if not isinstance(declared, dict):
-        raise ValueError(f"configure returned {type(declared).__name__}; it may return None or a mapping of flow hook → 'always' | 'tools' | 'never'")
+class DeclarationError(ValueError):
+    """A plugin's ``configure`` said something wrong about when its hooks have work: a bug
+    in the plugin, not in the user's config."""
+
+
+def declared_work(declared: Any, hooks: list[str]) -> dict[str, str]:
+    """Check what a plugin's ``configure`` returned: a mapping of some of its own flow hooks
+    to a word of ``WORK_WHEN``. A mistake is the plugin author's: say exactly what it is."""
+    if not isinstance(declared, Mapping):
+        raise DeclarationError(f"configure returned {type(declared).__name__}; it may return None or a mapping of flow hook → 'always' | 'tools' | 'never'")
     for hook, when in declared.items():
         if hook not in FLOW_HOOKS or hook not in hooks:
-            raise ValueError(f"configure says when {hook!r} has work, but the plugin implements no flow hook of that name (it implements: {', '.join(h for h in FLOW_HOOKS if h in hooks) or 'none'})")
-        if when not in WORK_WHEN:
-            raise ValueError(f"configure says {hook!r} has work {when!r}; the choices are {', '.join(map(repr, WORK_WHEN))}")
-    return declared
+            raise DeclarationError(
+                f"configure says when {hook!r} has work, but the plugin implements no flow hook of that name "
+                f"(it implements: {', '.join(h for h in FLOW_HOOKS if h in hooks) or 'none'}; the flow hooks are {', '.join(FLOW_HOOKS)})"
+            )
+        if not isinstance(when, str) or when not in WORK_WHEN:
+            raise DeclarationError(f"configure says {hook!r} has work {when!r}; the choices are {', '.join(map(repr, WORK_WHEN))}")
+    return dict(declared)
 
 
 class HookChains:

@@ -15,6 +15,7 @@ import asyncio
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -1177,7 +1178,8 @@ async def test_a_reload_rebuilds_the_chains_from_what_configure_says_now(proxy: 
     "when, problem",
     [
         ({"requests": "never"}, "configure says when 'requests' has work, but the plugin implements no flow hook of that name"),
-        ({"upstream_request": "never"}, "no flow hook of that name (it implements: request, response, stream_start, flow_done)"),
+        ({"upstream_request": "never"}, "no flow hook of that name (it implements: request, response, stream_start, flow_done;"),
+        ({"configure": "never"}, "the flow hooks are request, upstream_request, response, stream_start, error, flow_done)"),
         ({"request": "sometimes"}, "configure says 'request' has work 'sometimes'; the choices are 'always', 'tools', 'never'"),
     ],
 )
@@ -1185,6 +1187,20 @@ async def test_a_wrong_declaration_stops_start_up_naming_the_plugin(when: dict[s
     with pytest.raises(ConfigError) as caught:
         await start_proxy({**OFFLINE, "plugins": {"declarer": {"when": when}}}, plugins=[("offline", llmproxy_offline), ("declarer", Declarer())], entry_points=False)
     assert caught.value.problems[0].startswith("plugins.declarer: ") and problem in caught.value.problems[0]
+    # the plugin's mistake, not the user's: the message says whose it is and what to do meanwhile
+    assert "a bug in the plugin" in caught.value.problems[0] and "plugins.declarer.enabled: false" in caught.value.problems[0]
+
+
+async def test_any_mapping_is_a_declaration(proxy: StartProxy, session: aiohttp.ClientSession) -> None:
+    class Frozen(Declarer):
+        @hookimpl
+        def configure(self, settings: WorkSettings) -> Any:
+            return MappingProxyType({"request": "never"})
+
+    plugin = Frozen()
+    running = await proxy(OFFLINE, ("declarer", plugin))
+    await _ask(session, running, tools=True, stream=False)
+    assert "request" not in plugin.calls and plugin.calls["response"] == 1
 
 
 async def test_a_declaration_that_is_not_a_mapping_is_refused() -> None:

@@ -30,6 +30,9 @@ Writing a plugin like this one
    default and a description. llmproxy validates ``plugins.<name>`` with it (so
    ``llmproxy config validate`` reports your errors with their key path) and hands the
    instance to ``configure(settings, context)`` at start-up and after a reload.
+   ``configure`` may return when each flow hook has work under these settings
+   (``"always"``, ``"tools"``, ``"never"``): the core leaves idle ones out of every flow's
+   chains, so this plugin, installed but not configured, costs a request nothing.
 4. **The flow is the control surface.** ``request`` may change ``flow.request``, answer by
    setting ``flow.response``, or refuse by raising ``ProxyError(status, message)``, which the
    client receives in its own protocol. ``upstream_request`` edits the HTTP request a
