@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -88,6 +89,28 @@ async def test_no_config_serves_the_offline_default(tmp_path: Path, record_prope
         proxy.signal(signal.SIGTERM)
         assert await proxy.exited(15) == 0
         assert "stopped" in proxy.output
+
+
+EXAMPLE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "config").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLE_CONFIGS, ids=lambda p: p.name)
+def test_every_example_config_is_valid(path: Path) -> None:
+    # Each ${VAR} it refers to is given a stand-in value, as a user would set it.
+    variables = re.findall(r"\$\{(\w+)\}", path.read_text())
+    result = run_cli("config", "validate", "--config", str(path), env=clean_env(**{name: "stand-in" for name in variables}))
+    assert result.returncode == 0, result.stderr
+    assert f"{path}: valid" in result.stdout
+
+
+async def test_the_offline_example_config_serves_its_alias() -> None:
+    path = Path(__file__).resolve().parents[1] / "config" / "offline.yaml"
+    with ProxyProcess("--config", str(path), "--port", "0") as proxy:
+        url = await proxy.ready()
+        assert await ask(url, "hello alias", model="demo") == (200, "You said: hello alias")
+        assert await ask(url, "hi", model="scripted:any") == (200, "Hello! I am a scripted reply.")
+        proxy.signal(signal.SIGTERM)
+        assert await proxy.exited(15) == 0
 
 
 async def test_host_port_and_log_level_override_the_file(tmp_path: Path) -> None:
