@@ -13,7 +13,9 @@ runs, a failed poll is shown under the tables and the next poll tries again.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -222,14 +224,18 @@ def top(url: str, admin_key: str | None, interval: float, limit: int, once: bool
         console.print(render(snapshot))
         return
     footer = f"{api.url} · every {interval:g}s · Ctrl-C to quit"
+    # Ctrl-C sets a flag rather than raising KeyboardInterrupt wherever the main thread is:
+    # raised while it held the display's lock, the interrupt left rich's refresh thread
+    # waiting for that lock forever, and the exit waiting for that thread.
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     try:
         with Live(render(snapshot, footer), console=console, refresh_per_second=4, screen=False) as live:
-            while True:
-                time.sleep(interval)
+            while not stop.wait(interval):
                 try:
                     snapshot = api.snapshot(limit)
                     live.update(render(snapshot, f"{footer} · updated {time.strftime('%H:%M:%S')}"))
                 except AdminAPIError as error:
                     live.update(render(snapshot, f"{footer} · last poll failed: {error}"))
-    except KeyboardInterrupt:
-        pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
