@@ -59,6 +59,9 @@ class ProxyError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        # google.rpc details a Gemini backend gave (RetryInfo, QuotaFailure …): a Gemini client
+        # gets them as they were (Gemini CLI tells a daily quota from a short one by them).
+        self.details: list[dict[str, Any]] | None = None
 
     def __repr__(self) -> str:
         return f"ProxyError({self.status}, {self.message!r})"

@@ -285,17 +285,46 @@ class GeminiCodec:
         # Anthropic's 529 (overloaded) is what Gemini calls 503 UNAVAILABLE.
         status = 503 if error.status == 529 else error.status
         body: dict[str, Any] = {"code": status, "message": error.message, "status": STATUS_NAMES.get(status, "UNKNOWN")}
+        details = list(error.details or ())
         seconds = retry_after_seconds((error.headers or {}).get("Retry-After"))
-        if seconds is not None:
+        if seconds is not None and not any(str(d.get("@type", "")).endswith(RETRY_INFO) for d in details):
             # Where Gemini clients (Gemini CLI) read how long to wait; the header alone they
             # ignore. (Delay-seconds or an HTTP date, as the backend sent it.)
-            body["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{math.ceil(seconds)}s"}]
+            details.append({"@type": "type.googleapis.com/" + RETRY_INFO, "retryDelay": f"{math.ceil(seconds)}s"})
+        if details:
+            body["details"] = details
         return {"error": body}
 
     def error_event(self, error: ProxyError) -> bytes:
         if self.array_stream:
             return b"," + dumps(self.error_body(error)) + b"]"
         return sse_frame(dumps(self.error_body(error)))
+
+
+RETRY_INFO = "google.rpc.RetryInfo"
+
+
+def error_details(payload: bytes) -> tuple[list[dict[str, Any]] | None, float | None]:
+    """A Gemini error body's ``details`` and the delay its RetryInfo asks for ("37s",
+    "0.5s"): the API says how long to wait there, not in a Retry-After header."""
+    try:
+        error = loads(payload).get("error")
+    except (ValueError, AttributeError):
+        return None, None
+    details = error.get("details") if isinstance(error, dict) else None
+    if not isinstance(details, list) or not all(isinstance(d, dict) for d in details) or not details:
+        return None, None
+    delay = None
+    for detail in details:
+        text = detail.get("retryDelay")
+        if str(detail.get("@type", "")).endswith(RETRY_INFO) and isinstance(text, str) and text.endswith("s"):
+            try:
+                delay = float(text[:-1])
+            except ValueError:
+                continue
+            if not math.isfinite(delay) or delay < 0:
+                delay = None
+    return details, delay
 
 
 class GeminiArrayCodec(GeminiCodec):

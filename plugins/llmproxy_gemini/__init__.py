@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from llmproxy import hookimpl
 from llmproxy.codecs import get_codec
 from llmproxy.codecs.base import dumps
-from llmproxy.codecs.gemini import gemini_embeddings_to_openai, openai_embeddings_to_gemini
+from llmproxy.codecs.gemini import error_details, gemini_embeddings_to_openai, openai_embeddings_to_gemini
+from llmproxy.errors import ProxyError
 from llmproxy.flow import Flow
 from llmproxy.providers import Capabilities, HTTPProvider, UpstreamReply
 
@@ -40,6 +42,17 @@ class GeminiProvider(HTTPProvider):
         model = target.model if target.model.startswith(("models/", "tunedModels/")) else f"models/{target.model}"
         method = "streamGenerateContent?alt=sse" if stream else "generateContent"
         return f"{self.base_url}/{model}:{method}"
+
+    def upstream_error(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> ProxyError:
+        """Gemini says how long to wait in the body (``RetryInfo``), not in a Retry-After
+        header: it becomes one, for every client, the breaker, the key's rest and the backoff;
+        the details go on, for Gemini clients."""
+        error = super().upstream_error(status, payload, headers)
+        details, delay = error_details(payload)
+        error.details = details
+        if delay is not None and "Retry-After" not in error.headers:
+            error.headers["Retry-After"] = str(math.ceil(delay))
+        return error
 
     def body(self, flow: Flow, target: Any, stream: bool, passthrough: bool) -> dict[str, Any]:
         if flow.frontend in ("gemini", "gemini_array") and not flow.request_decoded:

@@ -18,6 +18,7 @@ import llmproxy_anthropic
 import llmproxy_gemini
 import llmproxy_openai
 import pytest
+from aiohttp import web
 from fakes.anthropic_upstream import FakeAnthropic
 from fakes.gemini_upstream import FakeGemini
 from fakes.openai_upstream import FakeOpenAI
@@ -581,3 +582,45 @@ async def test_a_translated_responses_answer_echoes_the_requests_settings(proxy:
     for answer in answers:
         assert answer["tools"] == [tool] and answer["tool_choice"] == "auto" and answer["parallel_tool_calls"] is False
         assert answer["instructions"] == "You are Codex." and answer["temperature"] == 0.3 and answer["max_output_tokens"] == 500
+
+
+GEMINI_QUOTA = {
+    "error": {
+        "code": 429,
+        "message": "Resource has been exhausted (e.g. check quota).",
+        "status": "RESOURCE_EXHAUSTED",
+        "details": [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "36.2s"},
+        ],
+    }
+}
+
+
+async def test_a_gemini_backend_says_how_long_to_wait_in_its_body_and_every_client_hears_it(serve: Any, proxies: Any) -> None:
+    """The Gemini API sends its delay as RetryInfo in the body and no Retry-After header:
+    every client gets a Retry-After (rounded up), a Gemini client the details as they came
+    (Gemini CLI tells a daily quota from a short one by them), and the breaker rests the
+    target for that long."""
+    seen = []
+
+    async def gemini(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.json_response(GEMINI_QUOTA, status=429)
+
+    url = await serve(gemini)
+    config = {"backends": {"gem": {"type": "gemini", "base_url": url}}, "default_backend": "gem"}
+    proxy = await proxies(config, [("gemini", llmproxy_gemini)])
+    asks = [
+        ("/v1beta/models/gemini-2.5-pro:generateContent", {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}),
+        ("/v1/messages", {"model": "gemini-2.5-pro", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/chat/completions", {"model": "gemini-2.5-pro", "messages": [{"role": "user", "content": "hi"}]}),
+    ]
+    answers = []
+    async with aiohttp.ClientSession() as http:
+        for path, body in asks:
+            async with http.post(proxy.url + path, json=body) as response:
+                answers.append(await response.json())
+                assert response.status == 429 and response.headers["Retry-After"] == "37", (path, answers[-1])
+    assert answers[0]["error"]["details"] == GEMINI_QUOTA["error"]["details"]  # the Gemini client's, as they came
+    assert len(seen) == 1  # the breaker rested the target after the first: the others never reached it
