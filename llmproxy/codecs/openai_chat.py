@@ -748,9 +748,22 @@ class ChatStreamDecoder(SSEStreamDecoder):
             index = self._blocks[key] = self._next_index
             self._next_index += 1
             self._open.append(index)
+            if key != "text":
+                # The fast paths write to the text block, which is no longer the last: they
+                # wait until a new run of text is begun and its frames are learned again.
+                self._frame_head = b""
             if kind is not None:
                 events.append(StreamEvent(kind, index=index, **start))
         return index
+
+    def _run(self, key: str, events: list[StreamEvent]) -> int:
+        """The block of a run of ``"text"`` or ``"thinking"``: a new one when another block
+        began after this kind's last run (reasoning, text, reasoning again), for clients
+        whose blocks cannot be reopened once the next began (Anthropic's, Responses')."""
+        index = self._blocks.get(key)
+        if index is not None and index != self._next_index - 1:
+            del self._blocks[key]
+        return self._block(key, events)
 
     def _finish(self, events: list[StreamEvent]) -> None:
         self._close_blocks(events)
@@ -833,8 +846,8 @@ class ChatStreamDecoder(SSEStreamDecoder):
             return False
         content = delta.get("content")
         index = self._blocks.get("text")
-        if content.__class__ is not str or index is None:
-            return False
+        if content.__class__ is not str or index is None or index != self._next_index - 1:
+            return False  # (text after another block is a new block: the general path begins it)
         if content:
             events.append(StreamEvent(EventKind.TEXT, index, content))
         return True
@@ -872,13 +885,13 @@ class ChatStreamDecoder(SSEStreamDecoder):
             delta = choice.get("delta") or {}
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning and isinstance(reasoning, str):
-                index = self._block("thinking", events)
+                index = self._run("thinking", events)
                 events.append(StreamEvent(EventKind.THINKING, index=index, text=reasoning))
             content = delta.get("content")
             if content and content.__class__ is not str:
                 content = _delta_text(content)
             if content:
-                index = self._block("text", events)
+                index = self._run("text", events)
                 event = StreamEvent(EventKind.TEXT, index=index, text=content)
                 if choice.get("logprobs") is not None:
                     event.extra = {"logprobs": choice["logprobs"]}

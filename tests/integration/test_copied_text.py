@@ -150,3 +150,54 @@ async def test_what_only_a_parse_vouches_for_is_parsed(broken: bytes, http: aioh
     frames = [frame for frame in wire.split(b"\n\n") if frame]
     assert frames[-1].startswith(b"event: error\ndata: ") and b"malformed" in frames[-1]
     assert b"never" not in wire and b"message_stop" not in wire
+
+
+# Reasoning and text in runs, as some Chat servers (DeepSeek, vLLM with a reasoning parser)
+# send them: a run after another block is a new block, never one the client saw end.
+RUNS = [
+    b'{"reasoning_content":"think one"}',
+    b'{"content":"Hello"}',
+    b'{"content":" there"}',  # by now the text chunk's shape is learned: the fast paths
+    b'{"reasoning_content":"think two"}',
+    b'{"content":" and"}',
+    b'{"content":" after"}',
+]
+
+
+class RunsBackend:
+    def __init__(self, burst: bool) -> None:
+        self.burst = burst
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        frames = [chunk(b'{"role":"assistant","content":""}'), *[chunk(delta) for delta in RUNS], chunk(b"{}", b'"stop"'), b"data: [DONE]\n\n"]
+        if self.burst:
+            await response.write(b"".join(frames))
+        for frame in frames if not self.burst else ():
+            await response.write(frame)
+            await asyncio.sleep(0.005)
+        await response.write_eof()
+        return response
+
+
+@pytest.mark.parametrize("burst", [False, True], ids=["paced", "burst"])
+@pytest.mark.parametrize("watched", [False, True], ids=["nobody-watches", "a-processor-watches"])
+async def test_reasoning_and_text_in_runs_reach_an_anthropic_client_whole_and_in_order(burst: bool, watched: bool) -> None:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", RunsBackend(burst).chat)
+    url, runner = await start_app(app)
+    config = {"proxy": {"drain_timeout": 0}, "backends": {"o": {"type": "openai", "base_url": url + "/v1"}}, "default_backend": "o"}
+    watch = Watch(processor=watched)
+    proxy = await start_proxy(config, plugins=[("openai", llmproxy_openai), ("anthropic", llmproxy_anthropic), ("watch", watch)], entry_points=False)
+    try:
+        client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="k", max_retries=0)
+        async with client.messages.stream(**{k: v for k, v in BODY.items() if k != "stream"}) as stream:
+            final = await stream.get_final_message()
+    finally:
+        await proxy.stop()
+        await runner.cleanup()
+    blocks = [(block.type, block.thinking if block.type == "thinking" else block.text) for block in final.content]
+    assert blocks == [("thinking", "think one"), ("text", "Hello there"), ("thinking", "think two"), ("text", " and after")]
+    assert watch.texts == ["Hello there and after"]
