@@ -206,6 +206,8 @@ class OpenAIChatCodec:
                 fn = call.get("function") or {}
                 parts.append(ToolCallPart(id=call.get("id") or _call_id(), name=fn.get("name", ""), arguments=fn.get("arguments") or "{}"))
             response.stop_reason = FINISH_TO_STOP.get(choice.get("finish_reason"), "end_turn")
+            if response.stop_reason == "end_turn" and message.get("tool_calls"):
+                response.stop_reason = "tool_use"  # calls made, yet "stop" (Ollama, some vLLM parsers): the client must run them
             extra_message = {k: v for k, v in message.items() if k not in ("role", "content", "tool_calls", "reasoning_content", "reasoning")}
             if extra_message:
                 response.extra["_message"] = extra_message
@@ -924,8 +926,10 @@ class ChatStreamDecoder(SSEStreamDecoder):
                             self._promote(events)
             finish = choice.get("finish_reason")
             if finish:
-                self._stop = FINISH_TO_STOP.get(finish, "end_turn")
                 self._close_blocks(events)
+                self._stop = FINISH_TO_STOP.get(finish, "end_turn")
+                if self._stop == "end_turn" and any(key.__class__ is tuple for key in self._blocks):
+                    self._stop = "tool_use"  # calls made, yet "stop" (Ollama, some vLLM parsers): the client must run them
         if usage:
             self._usage = decode_usage(usage)
             events.append(StreamEvent(EventKind.USAGE, usage=self._usage))

@@ -246,3 +246,34 @@ async def test_a_key_quoted_in_a_forwarded_legacy_stream_is_blanked_too(serve: A
                            "default_backend": "oa"}, PLUGINS)
     status, _, raw = await post(proxy, "/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "stream": True})
     assert status == 200 and KEYS["OA_KEY"].encode() not in raw and b"key [backend key] is out of credit" in raw, raw
+
+
+async def calls_with_stop(request: web.Request) -> web.StreamResponse:
+    """Ollama's way (and some vLLM tool parsers'): the calls are made, the finish reason says "stop"."""
+    body = await request.json()
+    call = {"id": "call_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}
+    if not body.get("stream"):
+        message = {"role": "assistant", "content": "", "tool_calls": [call]}
+        return web.json_response({"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(chat_chunk({"role": "assistant", "tool_calls": [{"index": 0, **call}]}))
+    await response.write(chat_chunk({}, "stop") + b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_calls_made_under_a_stop_finish_reason_still_ask_the_client_to_run_them(stream: bool, serve: Any, proxies: Any) -> None:
+    import anthropic
+
+    proxy = await proxies({"backends": {"ol": {"type": "ollama", "base_url": await serve(calls_with_stop) + "/v1"}}, "default_backend": "ol"}, PLUGINS)
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="k", max_retries=0)
+    ask = {"model": "qwen3", "max_tokens": 100, "tools": [{"name": "Bash", "input_schema": {"type": "object"}}], "messages": [{"role": "user", "content": "ls"}]}
+    if stream:
+        async with client.messages.stream(**ask) as streamed:
+            message = await streamed.get_final_message()
+    else:
+        message = await client.messages.create(**ask)
+    assert [(b.name, b.input) for b in message.content if b.type == "tool_use"] == [("Bash", {"command": "ls"})]
+    assert message.stop_reason == "tool_use"  # Claude Code runs the calls of a tool_use turn only
