@@ -462,12 +462,16 @@ class HTTPProvider(Provider):
             return body
         request = flow.request
         request.stream = stream
-        n = request.params.get("n")
+        self.check_one_choice(flow)
+        return get_codec(self.protocol).encode_request(request, target.model)
+
+    def check_one_choice(self, flow: Flow) -> None:
+        """The canonical answer holds one choice: asked for more across protocols, the
+        others would be lost on the way back, so the client hears it."""
+        n = flow.request.params.get("n")
         if n not in (None, 1) and flow.frontend != self.protocol:
-            # The canonical answer holds one choice: the others would be lost on the way back.
             raise ProxyError(400, f"n={n}: llmproxy translates one choice between protocols, and backend {self.name!r} speaks "
                                   f"{self.protocol}: ask for one, or route the model to a backend of the client's protocol", param="n")
-        return get_codec(self.protocol).encode_request(request, target.model)
 
     def error_message(self, status: int, payload: bytes) -> str:
         """The backend's own error message, for the client's error."""

@@ -86,6 +86,9 @@ def _camel_keys(data: dict[str, Any]) -> dict[str, Any]:
 _GEMINI_ONLY_SCHEMA_KEYS = frozenset(("nullable", "propertyOrdering", "property_ordering"))
 
 
+_INT64_SCHEMA_KEYS = frozenset(("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties"))
+
+
 def json_schema_from_gemini(schema: Any) -> Any:
     """Gemini's OpenAPI-style schema (``type: STRING``) → JSON Schema (``type: string``)."""
     if isinstance(schema, dict):
@@ -95,6 +98,8 @@ def json_schema_from_gemini(schema: Any) -> Any:
                 out[key] = value.lower()
             elif key in _GEMINI_ONLY_SCHEMA_KEYS:
                 continue
+            elif key in _INT64_SCHEMA_KEYS and isinstance(value, str) and value.lstrip("-").isdigit():
+                out[key] = int(value)  # proto3 JSON writes int64 as a string ("1"); JSON Schema wants a number
             elif key in ("properties",) and isinstance(value, dict):
                 out[key] = {k: json_schema_from_gemini(v) for k, v in value.items()}
             else:

@@ -58,6 +58,7 @@ class GeminiProvider(HTTPProvider):
         if flow.frontend in ("gemini", "gemini_array") and not flow.request_decoded:
             body = dict(flow.raw_request)
         else:
+            self.check_one_choice(flow)
             body = get_codec(self.protocol).encode_request(flow.request, target.model)
         body.pop("model", None)  # the model and the stream flag travel in the URL
         body.pop("stream", None)

@@ -624,3 +624,29 @@ async def test_a_gemini_backend_says_how_long_to_wait_in_its_body_and_every_clie
                 assert response.status == 429 and response.headers["Retry-After"] == "37", (path, answers[-1])
     assert answers[0]["error"]["details"] == GEMINI_QUOTA["error"]["details"]  # the Gemini client's, as they came
     assert len(seen) == 1  # the breaker rested the target after the first: the others never reached it
+
+
+@pytest.mark.parametrize("model, tools_of", [
+    ("chat:gpt-4o-mini", lambda body: body["tools"][0]["function"]["parameters"]),
+    ("claude:claude-sonnet-4-5", lambda body: body["tools"][0]["input_schema"]),
+    ("resp:gpt-5-mini", lambda body: body["tools"][0]["parameters"]),
+])
+async def test_a_gemini_schemas_int64_strings_become_json_schema_numbers(proxy: RunningProxy, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, fake_responses: FakeResponses, model: str, tools_of: Any) -> None:
+    """proto3 JSON writes int64 fields as strings, and @google/genai types them so: a
+    Gemini client's ``minItems: "1"`` is a number in the JSON Schema other APIs get."""
+    parameters = {"type": "OBJECT", "properties": {"tags": {"type": "ARRAY", "items": {"type": "STRING", "maxLength": "40"}, "minItems": "1", "maxItems": "5"}}, "required": ["tags"]}
+    body = {"contents": [{"role": "user", "parts": [{"text": "tag it"}]}], "tools": [{"functionDeclarations": [{"name": "tag", "description": "Tag", "parameters": parameters}]}]}
+    status, answer = await post(proxy, f"/v1beta/models/{model}:generateContent", body)
+    assert status == 200, answer
+    fake = {"chat": fake_openai, "claude": fake_anthropic, "resp": fake_responses}[model.split(":")[0]]
+    tags = tools_of(fake.last.json)["properties"]["tags"]
+    assert (tags["minItems"], tags["maxItems"], tags["items"]["maxLength"]) == (1, 5, 40)
+    assert tags["type"] == "array" and tags["items"]["type"] == "string"
+
+
+@pytest.mark.parametrize("model", ["claude:claude-sonnet-4-5", "resp:gpt-5-mini", "gem:gemini-2.5-flash"])
+async def test_more_than_one_choice_across_protocols_is_refused_not_dropped(proxy: RunningProxy, model: str) -> None:
+    body = {"model": model, "n": 2, "messages": [{"role": "user", "content": "two answers"}]}
+    status, answer = await post(proxy, "/v1/chat/completions", body)
+    assert status == 400 and answer["error"]["param"] == "n", answer
+    assert "translates one choice" in answer["error"]["message"]
