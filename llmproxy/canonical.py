@@ -91,12 +91,15 @@ class OpaquePart:
     Written back untouched when the other side speaks the same protocol, dropped otherwise
     (a server tool's trace in an earlier turn, say), unless ``essential``: content the model
     must see, such as a PDF a user attached, which a backend of another protocol cannot be
-    sent without (a 400 then, never a request quietly missing it).
+    sent without (a 400 then, never a request quietly missing it). A part with a ``text``
+    reading (a Responses custom tool's call or output) goes to another protocol as that text,
+    so the conversation keeps what happened.
     """
 
     protocol: str
     data: dict[str, Any] = field(default_factory=dict)
     essential: bool = False
+    text: str | None = None
     type: Literal["opaque"] = "opaque"
 
 

@@ -287,6 +287,8 @@ def norm_response(response: Response, protocol: str) -> dict[str, Any]:
         text = "".join(p[1] for p in parts if p[0] == "text")
         parts = ([("thinking", thinking, None, False)] if thinking else []) + ([("text", text)] if text else []) + [p for p in parts if p[0] == "call"]
         stop = {"stop_sequence": "end_turn", "error": "end_turn"}.get(stop, stop)  # finish_reason "stop"
+        if stop == "end_turn" and calls:  # calls under "stop" (Ollama's way) are a tool_use turn
+            stop = "tool_use"
         usage = Usage(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, 0, usage.reasoning_tokens)  # cache writes: Anthropic's only
     elif protocol == "openai_responses":
         merged: list[Any] = []
@@ -379,6 +381,8 @@ def norm_folded(response: Response, protocol: str) -> dict[str, Any]:
             out.append(p)
         parts = out
         stop = {"stop_sequence": "end_turn", "error": "end_turn"}.get(stop, stop)
+        if stop == "end_turn" and calls:  # calls under "stop" (Ollama's way) are a tool_use turn
+            stop = "tool_use"
         usage = Usage(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, 0, usage.reasoning_tokens)  # cache writes: Anthropic's only
     elif protocol == "openai_responses":
         if stop not in ("max_tokens", "content_filter"):

@@ -517,8 +517,11 @@ def _encode_block(part: Part, same: bool, outgoing: bool) -> dict[str, Any] | No
         elif not outgoing:
             block["signature"] = ""
         return block
-    if isinstance(part, OpaquePart) and carried(part, PROTOCOL):
-        return part.data
+    if isinstance(part, OpaquePart):
+        if part.text is not None and part.protocol != PROTOCOL:
+            return {"type": "text", "text": part.text}
+        if carried(part, PROTOCOL):
+            return part.data
     return None
 
 

@@ -600,8 +600,11 @@ def _encode_part(part: Part, same: bool, outgoing: bool) -> dict[str, Any] | Non
         if part.data is not None:
             return {"inlineData": {"mimeType": part.media_type or "application/pdf", "data": part.data}}
         return {"fileData": {"mimeType": part.media_type or "application/pdf", "fileUri": part.url}}
-    if isinstance(part, OpaquePart) and carried(part, PROTOCOL):
-        return part.data
+    if isinstance(part, OpaquePart):
+        if part.text is not None and part.protocol != PROTOCOL:
+            return {"text": part.text}
+        if carried(part, PROTOCOL):
+            return part.data
     return None
 
 

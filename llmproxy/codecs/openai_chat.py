@@ -466,9 +466,12 @@ def _encode_parts(parts: list[Part], same: bool) -> str | list[dict[str, Any]] |
             if same:
                 file.update(part.extra)
             content.append({"type": "file", "file": file})
-        elif isinstance(part, OpaquePart) and carried(part, PROTOCOL):
-            simple = False
-            content.append(part.data)
+        elif isinstance(part, OpaquePart):
+            if part.text is not None and part.protocol != PROTOCOL:
+                content.append({"type": "text", "text": part.text})
+            elif carried(part, PROTOCOL):
+                simple = False
+                content.append(part.data)
     if not content:
         return None
     if simple:
@@ -548,6 +551,8 @@ def _encode_message(message: Message, same: bool) -> list[dict[str, Any]]:
     if message.role == "assistant":
         calls = [p for p in message.parts if isinstance(p, ToolCallPart)]
         body["content"] = _encode_parts(message.parts, same)
+        if body["content"] is None and not calls and not same:
+            return []  # only what another protocol's backend alone can read: nothing to send
         if calls:
             body["tool_calls"] = [
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments or "{}"}} for c in calls
@@ -557,6 +562,8 @@ def _encode_message(message: Message, same: bool) -> list[dict[str, Any]]:
             body["reasoning_content"] = "".join(p.text for p in reasoning)
     else:
         content = _encode_parts(message.parts, same)
+        if content is None and message.parts and not same:
+            return []  # (as above)
         body["content"] = content if content is not None else ""
     return [body]
 

@@ -204,11 +204,12 @@ class OpenAIResponsesCodec:
                 leading = False
                 # Other item types (custom tool calls, shell calls, references …) only make
                 # sense to a Responses backend; keep them in place for one.
+                # A custom tool's call and output read as text to another backend.
                 target = _assistant(messages) if kind.endswith("_call") else None
                 if target is not None:
-                    target.parts.append(OpaquePart(PROTOCOL, item))
+                    target.parts.append(OpaquePart(PROTOCOL, item, text=_custom_reading(item)))
                 else:
-                    messages.append(Message(role="user", parts=[OpaquePart(PROTOCOL, item)]))
+                    messages.append(Message(role="user", parts=[OpaquePart(PROTOCOL, item, text=_custom_reading(item))]))
 
     def encode_request(self, request: Request, model: str) -> dict[str, Any]:
         same = request.protocol == PROTOCOL
@@ -349,6 +350,21 @@ def _stop_reason(body: dict[str, Any], response: Response) -> str:
         reason = (body.get("incomplete_details") or {}).get("reason")
         return "content_filter" if reason == "content_filter" else "max_tokens"
     return "tool_use" if response.tool_calls else "end_turn"
+
+
+def _custom_reading(item: dict[str, Any]) -> str | None:
+    """How a custom (freeform) tool's call or output reads to a backend of another protocol,
+    which has no such tool: as text, so the conversation still says what was done (Codex's
+    apply_patch). None for the other item types, which are left out there."""
+    kind = item.get("type")
+    if kind == "custom_tool_call":
+        return f"[called the tool {item.get('name')} (call {item.get('call_id')}) with this input]\n{item.get('input', '')}"
+    if kind == "custom_tool_call_output":
+        output = item.get("output")
+        if not isinstance(output, str):
+            output = dumps(output).decode()
+        return f"[the output of tool call {item.get('call_id')}]\n{output}"
+    return None
 
 
 def _assistant(messages: list[Message]) -> Message:

@@ -650,3 +650,31 @@ async def test_more_than_one_choice_across_protocols_is_refused_not_dropped(prox
     status, answer = await post(proxy, "/v1/chat/completions", body)
     assert status == 400 and answer["error"]["param"] == "n", answer
     assert "translates one choice" in answer["error"]["message"]
+
+
+CUSTOM_HISTORY = [
+    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "fix the bug"}]},
+    {"type": "custom_tool_call", "call_id": "call_P", "name": "apply_patch", "input": "*** Begin Patch\n*** Update File: a.py\n-x\n+y\n*** End Patch\n"},
+    {"type": "custom_tool_call_output", "call_id": "call_P", "output": "Success. Updated a.py"},
+    {"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {"type": "search", "query": "pytest"}},
+    {"type": "function_call", "call_id": "call_E", "name": "exec_command", "arguments": '{"cmd": "pytest"}'},
+    {"type": "function_call_output", "call_id": "call_E", "output": "1 passed"},
+]
+
+
+@pytest.mark.parametrize("model", ["chat:gpt-4o-mini", "claude:claude-sonnet-4-5", "gem:gemini-2.5-flash"])
+async def test_a_custom_tools_history_reads_as_text_to_another_backend(proxy: RunningProxy, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, fake_gemini: FakeGemini, model: str) -> None:
+    """Codex's freeform apply_patch (a custom tool) has no form in another protocol: its call
+    and output reach the backend as text, so the conversation keeps what was done; an item
+    with no reading (a web search's trace) is left out, never sent as an empty message."""
+    tools = [{"type": "function", "name": "exec_command", "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}}},
+             {"type": "custom", "name": "apply_patch", "description": "patch", "format": {"type": "grammar", "syntax": "lark", "definition": "start: /(.|\\n)+/"}}]
+    status, answer = await post(proxy, "/v1/responses", {"model": model, "input": CUSTOM_HISTORY, "tools": tools})
+    assert status == 200, answer  # the fakes refuse what the real APIs refuse (empty messages, bad turns)
+    sent = {"chat": fake_openai, "claude": fake_anthropic, "gem": fake_gemini}[model.split(":")[0]].last.json
+    wire = json.dumps(sent)
+    assert "[called the tool apply_patch (call call_P) with this input]\\n*** Begin Patch" in wire
+    assert "[the output of tool call call_P]\\nSuccess. Updated a.py" in wire
+    assert "web_search_call" not in wire and "ws_1" not in wire
+    if model.startswith("chat:"):
+        assert all(m.get("content") or m.get("tool_calls") for m in sent["messages"]), sent["messages"]
