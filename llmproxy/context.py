@@ -24,6 +24,8 @@ from .redact import DEFAULT_PATTERNS, Pattern, Redactor, proxy_secrets
 from .resilience import Health
 from .router import Router
 from .sessions import SessionStore
+from .toolnames import KEY as TOOL_NAMES
+from .toolnames import restore
 
 if TYPE_CHECKING:
     from .canonical import Response
@@ -94,14 +96,16 @@ class ProxyContext:
 
         flow.request  # noqa: B018 - decode it: the raw body may not say what the hooks changed
         reply = await dispatch(flow, self, None)
-        if reply.response is not None:
-            return reply.response
-        try:
-            data = reply.data if reply.data is not None else loads(reply.body or b"")
-        except ValueError:
-            backend = flow.target.backend if flow.target is not None else "?"
-            raise ProxyError(502, f"backend {backend!r} sent a body that is not JSON") from None
-        return get_codec(reply.protocol).decode_response(data)
+        response = reply.response
+        if response is None:
+            try:
+                data = reply.data if reply.data is not None else loads(reply.body or b"")
+            except ValueError:
+                backend = flow.target.backend if flow.target is not None else "?"
+                raise ProxyError(502, f"backend {backend!r} sent a body that is not JSON") from None
+            response = get_codec(reply.protocol).decode_response(data)
+        restore(response, flow.metadata.get(TOOL_NAMES) or {})
+        return response
 
     def backend_status(self) -> dict[str, dict[str, Any]]:
         """Every backend's :meth:`Provider.status` plus its targets' requests in flight

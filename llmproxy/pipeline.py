@@ -26,6 +26,8 @@ from .flow import ClientHeaders, ClientInfo, Flow
 from .manager import call_chain, call_chain_logged
 from .providers import UpstreamReply, UpstreamStream, read_from
 from .resilience import backoff_delay, cannot_serve, estimate_tokens, failure_kind, request_needs
+from .toolnames import KEY as TOOL_NAMES
+from .toolnames import restore, restorer
 
 log = logging.getLogger("llmproxy.flow")
 
@@ -187,8 +189,9 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "Writer") -> None:
             return
         for retry in range(MAX_STREAM_RETRIES + 1):
             upstream = await dispatch(flow, ctx, processors)
+            back = flow.metadata.get(TOOL_NAMES)  # tool names this backend was sent renamed
             try:
-                await writer.relay(upstream, processors)
+                await writer.relay(upstream, [("llmproxy", restorer(back)), *processors] if back else processors)
                 return
             except RetryStream:
                 # A processor wants the backend asked again; only while nothing reached the client.
@@ -225,6 +228,8 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "Writer") -> None:
                 flow.set_lazy_response(lambda: upstream_codec.decode_response(data))
             else:
                 flow.response = upstream_codec.decode_response(data)
+        if TOOL_NAMES in flow.metadata:
+            restore(flow.response, flow.metadata[TOOL_NAMES])
     if chains.response:
         await call_chain(chains.response, skip=flow.disabled_plugins, flow=flow)
     if flow.response_pending and raw is not None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Class
 import aiohttp
 import yarl
 
-from .canonical import Response, StreamEvent
+from .canonical import Request, Response, StreamEvent
 from .codecs import get_codec
 from .codecs.base import dumps, loads
 from .config import BackendConfig
@@ -27,6 +27,8 @@ from .flow import Attempt, Flow, UpstreamRequest
 from .manager import call_chain
 from .redact import mask_literals
 from .scheduling import ModelScheduler
+from .toolnames import KEY as TOOL_NAMES
+from .toolnames import renamed, renames
 
 if TYPE_CHECKING:
     from .discovery import BackendPoller
@@ -460,10 +462,21 @@ class HTTPProvider(Provider):
                 body["stream"] = False
                 body.pop("stream_options", None)
             return body
-        request = flow.request
-        request.stream = stream
+        flow.request.stream = stream
         self.check_one_choice(flow)
-        return get_codec(self.protocol).encode_request(request, target.model)
+        return get_codec(self.protocol).encode_request(self.wire_request(flow), target.model)
+
+    def wire_request(self, flow: Flow) -> Request:
+        """The canonical request as this backend may be sent it: tool names its API would
+        refuse renamed (see llmproxy/toolnames.py); the flow remembers how to name the calls
+        of this attempt's answer back."""
+        request = flow.request
+        mapping = renames(request, self.protocol) if request.tools and flow.frontend != self.protocol else {}
+        if not mapping:
+            flow.metadata.pop(TOOL_NAMES, None)
+            return request
+        flow.metadata[TOOL_NAMES] = {safe: name for name, safe in mapping.items()}
+        return renamed(request, mapping)
 
     def check_one_choice(self, flow: Flow) -> None:
         """The canonical answer holds one choice: asked for more across protocols, the

@@ -78,7 +78,7 @@ class AnthropicProvider(HTTPProvider):
         return headers
 
     async def count_tokens(self, flow: Flow, target: Any) -> int | None:
-        body = get_codec(self.protocol).encode_request(flow.request, target.model)
+        body = get_codec(self.protocol).encode_request(self.wire_request(flow), target.model)
         for field in ("max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences", "metadata", "service_tier"):
             body.pop(field, None)
         result = await self.send_json(flow, target, self.base_url + "/v1/messages/count_tokens", body)

@@ -59,7 +59,7 @@ class GeminiProvider(HTTPProvider):
             body = dict(flow.raw_request)
         else:
             self.check_one_choice(flow)
-            body = get_codec(self.protocol).encode_request(flow.request, target.model)
+            body = get_codec(self.protocol).encode_request(self.wire_request(flow), target.model)
         body.pop("model", None)  # the model and the stream flag travel in the URL
         body.pop("stream", None)
         return body

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import json
+import re
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -678,3 +679,49 @@ async def test_a_custom_tools_history_reads_as_text_to_another_backend(proxy: Ru
     assert "web_search_call" not in wire and "ws_1" not in wire
     if model.startswith("chat:"):
         assert all(m.get("content") or m.get("tool_calls") for m in sent["messages"]), sent["messages"]
+
+
+VALID_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("model", ["chat:gpt-4o-mini", "claude:claude-sonnet-4-5", "resp:gpt-5-mini"])
+async def test_tool_names_another_api_refuses_are_renamed_there_and_back(
+    proxy: RunningProxy, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, fake_responses: FakeResponses, model: str, stream: bool
+) -> None:
+    """Gemini allows "." and ":" in a function's name (MCP tools: github.search); OpenAI and
+    Anthropic answer such a name with a 400. The backend gets valid names, kept apart when
+    two would meet ("a.b" and "a_b"), and the Gemini client gets its calls by its own names."""
+    names = ["github.search:v1", "a.b", "a_b"]
+    declarations = [{"name": name, "description": "d", "parameters": {"type": "OBJECT", "properties": {"q": {"type": "STRING"}}}} for name in names]
+    body = {"contents": [{"role": "user", "parts": [{"text": "search"}]}], "tools": [{"functionDeclarations": declarations}]}
+    path = f"/v1beta/models/{model}:" + ("streamGenerateContent?alt=sse" if stream else "generateContent")
+    async with aiohttp.ClientSession() as http, http.post(proxy.url + path, json=body) as response:
+        assert response.status == 200, await response.text()
+        raw = await response.read()
+    chunks = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: ")] if stream else [json.loads(raw)]
+    called = [part["functionCall"]["name"] for chunk in chunks for part in chunk["candidates"][0]["content"]["parts"] if "functionCall" in part]
+    assert sorted(called) == sorted(names)
+    fake = {"chat": fake_openai, "claude": fake_anthropic, "resp": fake_responses}[model.split(":")[0]]
+    sent = fake.last.json["tools"]
+    sent_names = [tool.get("name") or tool["function"]["name"] for tool in sent]
+    assert all(VALID_NAME.fullmatch(name) for name in sent_names) and len(set(sent_names)) == 3, sent_names
+
+
+async def test_a_renamed_tools_history_goes_out_renamed(proxy: RunningProxy, fake_anthropic: FakeAnthropic) -> None:
+    declaration = {"name": "github.search", "parameters": {"type": "OBJECT", "properties": {"q": {"type": "STRING"}}}}
+    body = {
+        "contents": [
+            {"role": "user", "parts": [{"text": "search"}]},
+            {"role": "model", "parts": [{"functionCall": {"name": "github.search", "args": {"q": "llmproxy"}}}]},
+            {"role": "user", "parts": [{"functionResponse": {"name": "github.search", "response": {"result": "3 hits"}}}]},
+        ],
+        "tools": [{"functionDeclarations": [declaration]}],
+        "toolConfig": {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["github.search"]}},
+    }
+    status, answer = await post(proxy, "/v1beta/models/claude:claude-sonnet-4-5:generateContent", body)
+    assert status == 200, answer
+    sent = fake_anthropic.last.json
+    assert [tool["name"] for tool in sent["tools"]] == ["github_search"]
+    assert [b["name"] for m in sent["messages"] for b in m["content"] if isinstance(b, dict) and b.get("type") == "tool_use"] == ["github_search"]
+    assert sent["tool_choice"] == {"type": "tool", "name": "github_search"}
