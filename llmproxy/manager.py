@@ -7,7 +7,8 @@ start-up with a message naming it. ``plugins.<name>.enabled: false`` leaves a pl
 
 :class:`HookChains` precomputes, per hook, the implementations in the order they run, so the
 pipeline calls a chain with a plain loop (awaiting async implementations one by one) instead
-of a pluggy call per use.
+of a pluggy call per use; it leaves out what a plugin's ``configure`` said has no work
+(``declared_work``), in one set of chains for requests that offer tools and one for the rest.
 """
 
 from __future__ import annotations
