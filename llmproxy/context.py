@@ -10,7 +10,7 @@ import asyncio
 import inspect
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from aiohttp import web
 
@@ -24,8 +24,8 @@ from .redact import DEFAULT_PATTERNS, Pattern, Redactor, proxy_secrets
 from .resilience import Health
 from .router import Router
 from .sessions import SessionStore
-from .toolnames import KEY as TOOL_NAMES
-from .toolnames import restore
+from .toolnames import METADATA_KEY as TOOL_NAMES
+from .toolnames import restore_names
 
 if TYPE_CHECKING:
     from .canonical import Response
@@ -104,7 +104,7 @@ class ProxyContext:
                 backend = flow.target.backend if flow.target is not None else "?"
                 raise ProxyError(502, f"backend {backend!r} sent a body that is not JSON") from None
             response = get_codec(reply.protocol).decode_response(data)
-        restore(response, flow.metadata.get(TOOL_NAMES) or {})
+        restore_names(response, flow.metadata.get(TOOL_NAMES) or {})
         return response
 
     def backend_status(self) -> dict[str, dict[str, Any]]:
@@ -161,8 +161,10 @@ class ProxyContext:
                 declared = impl.function(*[arguments[a] for a in impl.argnames])
                 if inspect.isawaitable(declared):
                     declared = await declared
-                if declared is not None:
+                if isinstance(declared, Mapping):
                     work[impl.plugin] = declared_work(declared, self.host.hooks_of(impl.plugin))
+                elif declared is not None:  # configure returned something before it could declare
+                    log.warning("plugins.%s: configure returned a %s, not a mapping of when its hooks have work; ignored", impl.plugin, type(declared).__name__)
             except DeclarationError as error:  # not the user's to fix: say whose it is
                 raise ConfigError([f"plugins.{impl.plugin}: {error} — a bug in the plugin ({info.module} {info.version}, {info.origin}), not in your config: report it to its author, or set plugins.{impl.plugin}.enabled: false"], self.config.source) from None
             except Exception as error:  # the plugin's own words, as a config problem

@@ -50,7 +50,7 @@ nothing for it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, Union
 
 import pluggy
 
@@ -129,10 +129,10 @@ def plugin_settings() -> Optional[type["BaseModel"]]:
 
 
 @hookspec
-def configure(settings: Optional["BaseModel"], context: "ProxyContext") -> Optional[dict[str, str]]:
+def configure(settings: Optional["BaseModel"], context: "ProxyContext") -> Optional[Mapping[str, str]]:
     """Receive this plugin's validated settings (an instance of its ``plugin_settings``
     model, or None when it has none) and the proxy context. Called at start-up, on every
-    config reload and by ``llmproxy config validate``, so keep it free of side effects
+    config reload and by ``llmproxy config validate`` and ``llmproxy plugins``, so keep it free of side effects
     beyond remembering the settings (open files in ``startup``). Raise ``ValueError`` to
     reject the settings: the message becomes a config error naming ``plugins.<name>``. Per
     flow, read them back with ``flow.context.settings("<name>")``.
@@ -147,7 +147,9 @@ def configure(settings: Optional["BaseModel"], context: "ProxyContext") -> Optio
     ``request`` hook that adds tools to ``flow.request`` does not bring ``"tools"``
     implementations into the flow. The core leaves an implementation out of the chains of
     the flows it has nothing to do for (see "Cost" above), rebuilding them after every
-    ``configure``. A wrong declaration stops start-up as a bug in the plugin. Keep your own
+    ``configure``. A mapping naming a hook you do not implement, or a word not among those
+    three, stops start-up as a bug in the plugin; a return value that is no mapping is
+    ignored with a warning (plugins written before the declaration). Keep your own
     checks as well: a hook called directly (``llmproxy.testing.make_flow`` tests) or by a
     version of llmproxy that ignores the declaration runs for every flow.
     """

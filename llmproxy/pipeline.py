@@ -26,8 +26,8 @@ from .flow import ClientHeaders, ClientInfo, Flow
 from .manager import call_chain, call_chain_logged
 from .providers import UpstreamReply, UpstreamStream, read_from
 from .resilience import backoff_delay, cannot_serve, estimate_tokens, failure_kind, request_needs
-from .toolnames import KEY as TOOL_NAMES
-from .toolnames import restore, restorer
+from .toolnames import METADATA_KEY as TOOL_NAMES
+from .toolnames import name_restorer, restore_names
 
 log = logging.getLogger("llmproxy.flow")
 
@@ -189,9 +189,10 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "Writer") -> None:
             return
         for retry in range(MAX_STREAM_RETRIES + 1):
             upstream = await dispatch(flow, ctx, processors)
-            back = flow.metadata.get(TOOL_NAMES)  # tool names this backend was sent renamed
+            client_names = flow.metadata.get(TOOL_NAMES) if upstream.protocol != flow.frontend else None
             try:
-                await writer.relay(upstream, [("llmproxy", restorer(back)), *processors] if back else processors)
+                # tool names this backend was sent renamed go back to the client's
+                await writer.relay(upstream, [("llmproxy:tool_names", name_restorer(client_names)), *processors] if client_names else processors)
                 return
             except RetryStream:
                 # A processor wants the backend asked again; only while nothing reached the client.
@@ -228,8 +229,8 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "Writer") -> None:
                 flow.set_lazy_response(lambda: upstream_codec.decode_response(data))
             else:
                 flow.response = upstream_codec.decode_response(data)
-        if TOOL_NAMES in flow.metadata:
-            restore(flow.response, flow.metadata[TOOL_NAMES])
+        if TOOL_NAMES in flow.metadata and reply.protocol != flow.frontend:
+            restore_names(flow.response, flow.metadata[TOOL_NAMES])
     if chains.response:
         await call_chain(chains.response, skip=flow.disabled_plugins, flow=flow)
     if flow.response_pending and raw is not None:
@@ -278,6 +279,7 @@ async def dispatch(flow: Flow, ctx: ProxyContext, processors: list[Any] | None) 
 
     async def attempt(target: Any) -> Any:
         provider = target.provider
+        flow.metadata.pop(TOOL_NAMES, None)  # an earlier attempt's renaming is not this one's
         if processors is None:
             return await provider.complete(flow, target)
         if not target.streams:  # declared unable to stream: ask for the whole answer, re-stream it

@@ -27,7 +27,7 @@ from .flow import Attempt, Flow, UpstreamRequest
 from .manager import call_chain
 from .redact import mask_literals
 from .scheduling import ModelScheduler
-from .toolnames import KEY as TOOL_NAMES
+from .toolnames import METADATA_KEY as TOOL_NAMES
 from .toolnames import renamed, renames
 
 if TYPE_CHECKING:

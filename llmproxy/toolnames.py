@@ -16,7 +16,7 @@ import dataclasses
 import re
 from typing import Any, Callable, Optional
 
-from .canonical import EventKind, Request, Response, StreamEvent, ToolCallPart
+from .canonical import EventKind, Request, Response, StreamEvent, ToolCallPart, ToolResultPart
 
 _RULES = {
     "openai_chat": (re.compile(r"[a-zA-Z0-9_-]{1,64}"), re.compile(r"[^a-zA-Z0-9_-]"), 64),
@@ -24,7 +24,7 @@ _RULES = {
     "anthropic": (re.compile(r"[a-zA-Z0-9_-]{1,128}"), re.compile(r"[^a-zA-Z0-9_-]"), 128),
     "gemini": (re.compile(r"[a-zA-Z_][a-zA-Z0-9_.:-]{0,63}"), re.compile(r"[^a-zA-Z0-9_.:-]"), 64),
 }
-KEY = "llmproxy.tool_names"  # flow.metadata: {backend's name: client's name} for the last attempt
+METADATA_KEY = "llmproxy.tool_names"  # flow.metadata: {backend's name: client's name}, this attempt's
 
 
 def renames(request: Request, protocol: str) -> dict[str, str]:
@@ -46,10 +46,9 @@ def renames(request: Request, protocol: str) -> dict[str, str]:
     taken = set(names)
     mapping: dict[str, str] = {}
     for name in bad:
-        safe = invalid.sub("_", name) or "_"
+        safe = (invalid.sub("_", name) or "_")[:limit]
         if valid.fullmatch(safe) is None:  # Gemini: a digit or "-" first
-            safe = "_" + safe
-        safe = safe[:limit]
+            safe = ("_" + safe)[:limit]
         stem, n = safe, 1
         while safe in taken:  # "a.b" and "a_b" both offered: keep them apart
             suffix = f"_{n}"
@@ -65,29 +64,30 @@ def renamed(request: Request, mapping: dict[str, str]) -> Request:
     tools = [dataclasses.replace(t, name=mapping[t.name]) if t.name in mapping else t for t in request.tools]
     messages = []
     for message in request.messages:
-        if message.role == "assistant" and any(isinstance(p, ToolCallPart) and p.name in mapping for p in message.parts):
-            parts = [dataclasses.replace(p, name=mapping[p.name]) if isinstance(p, ToolCallPart) and p.name in mapping else p for p in message.parts]
+        # Calls, and the results that name their tool (Gemini's functionResponse does)
+        if any(isinstance(p, (ToolCallPart, ToolResultPart)) and p.name in mapping for p in message.parts):
+            parts = [dataclasses.replace(p, name=mapping[p.name]) if isinstance(p, (ToolCallPart, ToolResultPart)) and p.name in mapping else p for p in message.parts]
             message = dataclasses.replace(message, parts=parts)
         messages.append(message)
     choice = mapping.get(request.tool_choice, request.tool_choice) if request.tool_choice else request.tool_choice
     return dataclasses.replace(request, tools=tools, messages=messages, tool_choice=choice)
 
 
-def restore(response: Optional[Response], back: dict[str, str]) -> None:
+def restore_names(response: Optional[Response], client_names: dict[str, str]) -> None:
     """Give the calls of a whole answer the client's names again."""
     if response is None:
         return
     for part in response.parts:
-        if isinstance(part, ToolCallPart) and part.name in back:
-            part.name = back[part.name]
+        if isinstance(part, ToolCallPart) and part.name in client_names:
+            part.name = client_names[part.name]
 
 
-def restorer(back: dict[str, str]) -> Callable[[Optional[StreamEvent]], Any]:
+def name_restorer(client_names: dict[str, str]) -> Callable[[Optional[StreamEvent]], Any]:
     """A stream processor giving each call that begins the client's name again."""
 
     def processor(event: Optional[StreamEvent]) -> Any:
-        if event is not None and event.kind == EventKind.TOOL_CALL_START and event.name in back:
-            event.name = back[event.name]
+        if event is not None and event.kind == EventKind.TOOL_CALL_START and event.name in client_names:
+            event.name = client_names[event.name]
         return event
 
     return processor

@@ -1203,11 +1203,16 @@ async def test_any_mapping_is_a_declaration(proxy: StartProxy, session: aiohttp.
     assert "request" not in plugin.calls and plugin.calls["response"] == 1
 
 
-async def test_a_declaration_that_is_not_a_mapping_is_refused() -> None:
-    class Listing(Declarer):
+async def test_a_configure_returning_something_else_is_ignored_with_a_warning(proxy: StartProxy, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
+    # A plugin written before configure could declare anything (``return self.settings``)
+    # still loads, and every hook of it runs.
+    class Returning(Declarer):
         @hookimpl
         def configure(self, settings: WorkSettings) -> Any:
-            return ["request"]
+            return settings
 
-    with pytest.raises(ConfigError, match=r"plugins.declarer: configure returned list; it may return None or a mapping"):
-        await start_proxy(OFFLINE, plugins=[("offline", llmproxy_offline), ("declarer", Listing())], entry_points=False)
+    plugin = Returning()
+    running = await proxy(OFFLINE, ("declarer", plugin))
+    await _ask(session, running, tools=False, stream=False)
+    assert plugin.calls["request"] == 1 and plugin.calls["response"] == 1
+    assert "plugins.declarer: configure returned a WorkSettings, not a mapping of when its hooks have work; ignored" in caplog.text

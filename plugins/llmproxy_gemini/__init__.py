@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from llmproxy import hookimpl
 from llmproxy.codecs import get_codec
-from llmproxy.codecs.base import dumps
+from llmproxy.codecs.base import dumps, loads
 from llmproxy.codecs.gemini import error_details, gemini_embeddings_to_openai, openai_embeddings_to_gemini
 from llmproxy.errors import ProxyError
 from llmproxy.flow import Flow
@@ -49,7 +49,10 @@ class GeminiProvider(HTTPProvider):
         the details go on, for Gemini clients."""
         error = super().upstream_error(status, payload, headers)
         details, delay = error_details(payload)
-        error.details = details
+        if details:
+            # Passed on as they came, but never with this backend's key in them (a
+            # LocalizedMessage repeats the message, which may quote it).
+            error.details = loads(self.redact(dumps(details).decode()))
         if delay is not None and "Retry-After" not in error.headers:
             error.headers["Retry-After"] = str(math.ceil(delay))
         return error

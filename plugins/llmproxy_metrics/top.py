@@ -228,7 +228,12 @@ def top(url: str, admin_key: str | None, interval: float, limit: int, once: bool
     # raised while it held the display's lock, the interrupt left rich's refresh thread
     # waiting for that lock forever, and the exit waiting for that thread.
     stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+
+    def interrupted(signum: int, frame: Any) -> None:
+        stop.set()  # the poll under way ends first; a second Ctrl-C does not wait for it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, interrupted)
     try:
         with Live(render(snapshot, footer), console=console, refresh_per_second=4, screen=False) as live:
             while not stop.wait(interval):
@@ -237,5 +242,7 @@ def top(url: str, admin_key: str | None, interval: float, limit: int, once: bool
                     live.update(render(snapshot, f"{footer} · updated {time.strftime('%H:%M:%S')}"))
                 except AdminAPIError as error:
                     live.update(render(snapshot, f"{footer} · last poll failed: {error}"))
+    except KeyboardInterrupt:
+        pass  # the second Ctrl-C
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -725,3 +725,40 @@ async def test_a_renamed_tools_history_goes_out_renamed(proxy: RunningProxy, fak
     assert [tool["name"] for tool in sent["tools"]] == ["github_search"]
     assert [b["name"] for m in sent["messages"] for b in m["content"] if isinstance(b, dict) and b.get("type") == "tool_use"] == ["github_search"]
     assert sent["tool_choice"] == {"type": "tool", "name": "github_search"}
+
+
+async def test_a_chat_clients_tool_named_as_gemini_refuses_is_renamed_in_calls_and_results(proxy: RunningProxy, fake_gemini: FakeGemini) -> None:
+    """Gemini wants a letter or "_" first, and its functionResponse names the tool: the
+    result goes out under the same new name as the declaration and the call."""
+    tool = {"type": "function", "function": {"name": "1password", "parameters": {"type": "object", "properties": {}}}}
+    messages = [
+        {"role": "user", "content": "get the secret"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "1password", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "name": "1password", "content": "done"},
+    ]
+    status, answer = await post(proxy, "/v1/chat/completions", {"model": "gem:gemini-2.5-flash", "messages": messages, "tools": [tool]})
+    assert status == 200, answer
+    sent = fake_gemini.last.json
+    assert [d["name"] for t in sent["tools"] for d in t["functionDeclarations"]] == ["_1password"]
+    parts = [p for c in sent["contents"] for p in c["parts"]]
+    assert [p["functionCall"]["name"] for p in parts if "functionCall" in p] == ["_1password"]
+    assert [p["functionResponse"]["name"] for p in parts if "functionResponse" in p] == ["_1password"]
+
+
+async def test_a_gemini_backends_error_details_never_carry_its_key(serve: Any, proxies: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEM_DETAILS_KEY", "AIzaSy-details-key-0123456789abcdef")
+    quoted = {"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED", "details": [
+        {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US", "message": "key AIzaSy-details-key-0123456789abcdef is over quota"},
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "5s"},
+    ]}}
+
+    async def gemini(request: web.Request) -> web.Response:
+        return web.json_response(quoted, status=429)
+
+    config = {"backends": {"gem": {"type": "gemini", "base_url": await serve(gemini), "api_keys": ["${GEM_DETAILS_KEY}"]}}, "default_backend": "gem"}
+    running = await proxies(config, [("gemini", llmproxy_gemini)])
+    async with aiohttp.ClientSession() as http:
+        async with http.post(running.url + "/v1beta/models/gemini-2.5-pro:generateContent", json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}) as response:
+            text = await response.text()
+    assert response.status == 429 and "AIzaSy-details-key" not in text
+    assert "RetryInfo" in text and "over quota" in text
