@@ -189,7 +189,7 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "Writer") -> None:
             return
         for retry in range(MAX_STREAM_RETRIES + 1):
             upstream = await dispatch(flow, ctx, processors)
-            client_names = flow.metadata.get(TOOL_NAMES) if upstream.protocol != flow.frontend else None
+            client_names = flow.metadata.get(TOOL_NAMES)  # set by this attempt only (dispatch resets it)
             try:
                 # tool names this backend was sent renamed go back to the client's
                 await writer.relay(upstream, [("llmproxy:tool_names", name_restorer(client_names)), *processors] if client_names else processors)
@@ -229,7 +229,7 @@ async def _run(flow: Flow, ctx: ProxyContext, writer: "Writer") -> None:
                 flow.set_lazy_response(lambda: upstream_codec.decode_response(data))
             else:
                 flow.response = upstream_codec.decode_response(data)
-        if TOOL_NAMES in flow.metadata and reply.protocol != flow.frontend:
+        if TOOL_NAMES in flow.metadata:  # only ever for an answer in another protocol (wire_request)
             restore_names(flow.response, flow.metadata[TOOL_NAMES])
     if chains.response:
         await call_chain(chains.response, skip=flow.disabled_plugins, flow=flow)
@@ -734,8 +734,9 @@ class Writer:
                 pending = pending[end:]
         tail = b"".join(chunk[-80:] for chunk in received[-2:])[-80:]
         model = flow.model  # the closure must not hold the flow: a cycle keeps streams alive
+        complete = get_codec(protocol).stream_complete(tail)
         if response is None:
-            if not get_codec(protocol).stream_complete(tail):
+            if not complete:
                 # Not one whole frame came (a stream cut inside its first, a web page): this
                 # attempt failed before anything reached the client, so it fails whole (the
                 # next target may take over) instead of sending what it has.
@@ -748,7 +749,7 @@ class Writer:
             if sent is not None:
                 sent.append((time.monotonic(), tail_frame))
             await response.write(tail_frame)
-        if not get_codec(protocol).stream_complete(tail):
+        if not complete:
             try:
                 _fold(protocol, received, model)  # raises ProxyError when the stream was cut short
             except ProxyError as error:

@@ -473,8 +473,7 @@ class HTTPProvider(Provider):
         request = flow.request
         mapping = renames(request, self.protocol) if request.tools and flow.frontend != self.protocol else {}
         if not mapping:
-            flow.metadata.pop(TOOL_NAMES, None)
-            return request
+            return request  # (dispatch clears an earlier attempt's mapping before each attempt)
         flow.metadata[TOOL_NAMES] = {safe: name for name, safe in mapping.items()}
         return renamed(request, mapping)
 

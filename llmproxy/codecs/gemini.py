@@ -86,6 +86,7 @@ def _camel_keys(data: dict[str, Any]) -> dict[str, Any]:
 _GEMINI_ONLY_SCHEMA_KEYS = frozenset(("nullable", "propertyOrdering", "property_ordering"))
 
 
+RETRY_INFO = "google.rpc.RetryInfo"  # the error detail saying how long to wait
 _INT64_SCHEMA_KEYS = frozenset(("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties"))
 
 
@@ -304,9 +305,6 @@ class GeminiCodec:
         if self.array_stream:
             return b"," + dumps(self.error_body(error)) + b"]"
         return sse_frame(dumps(self.error_body(error)))
-
-
-RETRY_INFO = "google.rpc.RetryInfo"
 
 
 def error_details(payload: bytes) -> tuple[list[dict[str, Any]] | None, float | None]:
